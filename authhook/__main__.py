@@ -1,0 +1,5 @@
+"""``python -m authhook`` is the ``authhook`` command."""
+
+from authhook.cli import main
+
+main()

@@ -1,0 +1,203 @@
+"""Settings: defaults < config file (YAML or TOML) < ``AUTHHOOK_*`` environment < explicit arguments.
+
+Validated once at start and passed down; nothing reads configuration from a global.
+Nested sections use ``__`` in environment names: ``AUTHHOOK_CACHE__ALLOW_TTL_S=30``.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from authhook.cache import DEFAULT_ALLOW_TTL_S, DEFAULT_DENY_TTL_S, DEFAULT_MAXSIZE
+from authhook.decision_log import DEFAULT_FLUSH_INTERVAL_S, DEFAULT_RING_SIZE
+from authhook.errors import ConfigError
+from authhook.topics import DEFAULT_TEMPLATE, TopicTemplate
+
+DEFAULT_STORE_URL = "sqlite:///authhook.db"
+
+
+class CacheSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = True
+    maxsize: int = Field(default=DEFAULT_MAXSIZE, ge=1)
+    allow_ttl_s: float = Field(default=DEFAULT_ALLOW_TTL_S, gt=0)
+    deny_ttl_s: float = Field(default=DEFAULT_DENY_TTL_S, gt=0)
+
+
+class DecisionLogSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    path: Path | None = Field(default=None, description="JSON-lines file; default: beside the sqlite database")
+    enabled: bool = True
+    ring_size: int = Field(default=DEFAULT_RING_SIZE, ge=1)
+    flush_interval_s: float = Field(default=DEFAULT_FLUSH_INTERVAL_S, gt=0)
+
+
+class HttpSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = Field(default=None, description="require client certificates signed by this CA")
+
+
+class EvaluatorSettings(BaseModel):
+    """Which policy engine decides. The cache, decision log, explain and every adapter work the same with each."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["inhouse", "opa", "cedar"] = "inhouse"
+    opa_mode: Literal["embedded", "remote"] = "embedded"
+    opa_url: str | None = Field(default=None, description="OPA server base URL, for opa_mode remote")
+    opa_policy: Path | None = Field(default=None, description="Rego file for embedded mode; default: the reference")
+    opa_deadline_s: float = Field(default=0.2, gt=0)
+    cedar_policies: Path | None = Field(default=None, description="default: the reference policies")
+    cedar_schema: Path | None = None
+
+    @model_validator(mode="after")
+    def _remote_needs_url(self) -> EvaluatorSettings:
+        if self.kind == "opa" and self.opa_mode == "remote" and not self.opa_url:
+            raise ValueError("evaluator.opa_url is required for a remote OPA")
+        return self
+
+
+class WebhookSettings(BaseModel):
+    """How brokers prove they are the broker: a shared token, and/or mutual TLS (``http.tls_client_ca``).
+
+    The token is accepted in a header (EMQX can send custom headers) or as a query parameter of the
+    configured URL (VerneMQ, mosquitto-go-auth and RabbitMQ cannot add headers).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    token: SecretStr | None = None
+    header: str = "x-authhook-token"
+    query_param: str = "token"
+
+
+class BrokerSettings(BaseModel):
+    """Per-broker answer options; the defaults are the safe ones."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    on_failure: Literal["deny", "ignore"] = Field(
+        default="deny",
+        description="when the store or evaluator fails: deny, or let the broker ask its next authorizer "
+        "(EMQX `ignore`, VerneMQ `next`)",
+    )
+    vernemq_cache_max_age_s: int | None = Field(
+        default=None, ge=1, description="send `cache-control: max-age=N` on VerneMQ allows; N is a stale window"
+    )
+    emqx_return_acl: bool = Field(
+        default=False,
+        description="answer a successful EMQX CONNECT with the client's whole ACL, which EMQX then enforces "
+        "locally for the session: fewer calls, but a revoke only reaches the client when it reconnects",
+    )
+    mosquitto_response_mode: Literal["status", "json", "text"] = "status"
+    rabbitmq_exchange: str = "amq.topic"
+
+
+class Settings(BaseSettings):
+    """Everything authhook reads at start."""
+
+    model_config = SettingsConfigDict(env_prefix="AUTHHOOK_", env_nested_delimiter="__", frozen=True, extra="forbid")
+
+    store_url: str = DEFAULT_STORE_URL
+    store_deadline_s: float = Field(
+        default=0.5, gt=0, description="longest a decision waits for the database before failing closed"
+    )
+    topic_template: str = DEFAULT_TEMPLATE
+    secret_key: SecretStr | None = Field(default=None, description="HMAC key for client secrets (>= 32 bytes)")
+    secret_key_file: Path | None = Field(default=None, description="default: beside the sqlite database")
+    cache: CacheSettings = CacheSettings()
+    decision_log: DecisionLogSettings = DecisionLogSettings()
+    http: HttpSettings = HttpSettings()
+    evaluator: EvaluatorSettings = EvaluatorSettings()
+    webhook: WebhookSettings = WebhookSettings()
+    brokers: BrokerSettings = BrokerSettings()
+
+    @field_validator("topic_template")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        TopicTemplate(value)  # raises ValueError with the reason
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Explicit arguments (which carry the config file's content) win over the environment.
+        return (init_settings, env_settings)
+
+    # -- derived paths ------------------------------------------------------------------------
+    def sqlite_path(self) -> Path | None:
+        """The database file when the store is an on-disk sqlite database."""
+        from authhook.store.sqlite import path_from_url
+
+        if not self.store_url.startswith("sqlite://"):
+            return None
+        path = path_from_url(self.store_url)
+        return None if path == ":memory:" else Path(path)
+
+    def resolved_decision_log_path(self) -> Path | None:
+        if not self.decision_log.enabled:
+            return None
+        if self.decision_log.path is not None:
+            return self.decision_log.path
+        db = self.sqlite_path()
+        return db.with_name(db.name + ".decisions.jsonl") if db is not None else None
+
+    def resolved_secret_key_file(self) -> Path | None:
+        if self.secret_key_file is not None:
+            return self.secret_key_file
+        db = self.sqlite_path()
+        return db.with_name(db.name + ".key") if db is not None else None
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file `{path}`: {exc.strerror}") from exc
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"config file `{path}` is not valid: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file `{path}` must hold a mapping")
+    return data
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build settings from an optional file, the environment and explicit overrides (None = unset)."""
+    import os
+
+    from pydantic import ValidationError
+
+    values: dict[str, Any] = _read_config_file(config_file) if config_file is not None else {}
+    # The environment beats the file: drop file keys the environment sets, then let pydantic read env.
+    for key in list(values):
+        if any(name.startswith(f"AUTHHOOK_{key.upper()}") for name in os.environ):
+            del values[key]
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid settings: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from exc

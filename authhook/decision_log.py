@@ -1,0 +1,277 @@
+"""Decision log: every decision, CONNECT included, with why - kept in memory and appended to JSON lines.
+
+``record`` is on the hot path of every decision, so it only appends references to a ring buffer and a
+pending list (~0.2 µs); turning them into JSON happens when the file sink flushes (a background task in
+the server, ``close`` elsewhere) or when someone queries. Requests carry no secrets - passwords never
+enter ``AuthzRequest`` - so nothing here can leak one.
+
+If the file sink falls behind by more than ``max_pending`` events, the oldest pending ones are dropped
+and counted in ``dropped`` (and the drop is written to the file as its own line): a slow disk must not
+take the brokers down with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+from cachetools import LRUCache
+
+from authhook.models import AuthzRequest, Decision, Target
+
+log = logging.getLogger("authhook.decision_log")
+
+DEFAULT_RING_SIZE = 10_000
+DEFAULT_MAX_PENDING = 200_000
+DEFAULT_FLUSH_INTERVAL_S = 0.2
+_SLICE = 128  # events serialized per event-loop turn (~1 ms here)
+
+_Raw = tuple[float, str, str, AuthzRequest, "Target | None", Decision]
+
+
+@dataclass(slots=True)
+class DecisionEvent:
+    """One logged decision, kept as references until someone needs the JSON."""
+
+    ts: float
+    broker: str
+    hook: str
+    request: AuthzRequest
+    target: Target | None
+    decision: Decision
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON shape of the log line and of ``GET /v1/decisions``."""
+        return event_fields(self.ts, self.broker, self.hook, self.request, self.target, self.decision)
+
+
+_iso_second: list[Any] = [-1, ""]  # (epoch second, its ISO text): events come in bursts within one second
+
+
+def iso_time(ts: float) -> str:
+    """``2026-11-22T01:51:16.123456+00:00``, formatting the date part once per second (~0.3 µs, not 1.5)."""
+    second = int(ts)
+    if second != _iso_second[0]:
+        _iso_second[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))]
+    return f"{_iso_second[1]}.{int((ts - second) * 1_000_000):06d}+00:00"
+
+
+def event_fields(
+    ts: float, broker: str, hook: str, request: AuthzRequest, target: Target | None, decision: Decision
+) -> dict[str, Any]:
+    """One decision as the flat mapping the log file and the API carry. Runs once per decision."""
+    subject = request.subject
+    address = target.address if target is not None else None
+    verdict = decision.verdict
+    return {
+        "time": iso_time(ts),
+        "broker": broker,
+        "hook": hook,
+        "action": request.action,  # a StrEnum: both json and orjson write its value
+        "subject": subject.id or subject.username,
+        "username": subject.username,
+        "client_id": subject.client_id,
+        "peer": subject.peer,
+        "tenant": verdict.subject_tenant or subject.tenant or (address.tenant if address else None),
+        "topic": request.topic,
+        "channel": address.channel if address else None,
+        "qos": request.qos,
+        "retain": request.retain,
+        "allowed": verdict.allowed,
+        "reason": verdict.reason,
+        "detail": verdict.detail,
+        "decided_by": verdict.decided_by,
+        "evaluator": verdict.evaluator,
+        "cache": decision.cache,
+        "revision": verdict.revision,
+        "latency_us": round(decision.latency_us, 2),
+    }
+
+
+class DecisionLog:
+    """In-memory ring buffer plus an optional JSON-lines file."""
+
+    def __init__(
+        self,
+        path: Path | None = None,
+        *,
+        ring_size: int = DEFAULT_RING_SIZE,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        flush_interval: float = DEFAULT_FLUSH_INTERVAL_S,
+    ) -> None:
+        self.path = path
+        # Raw tuples on the hot path (a tuple is ~5x cheaper to build than a dataclass instance);
+        # they become DecisionEvent objects only when someone reads them.
+        self._ring: deque[_Raw] = deque(maxlen=ring_size)
+        self._pending: deque[_Raw] = deque(maxlen=max_pending)
+        self._max_pending = max_pending
+        self._flush_interval = flush_interval
+        self._task: asyncio.Task[None] | None = None
+        self._recorded = 0  # events appended to _pending since the last flush
+        self._static: LRUCache[tuple[int, int, int, str, str], tuple[Any, Any, Any, bytes]] = LRUCache(4096)
+        self.dropped = 0
+
+    def record(self, request: AuthzRequest, target: Target | None, decision: Decision, broker: str, hook: str) -> None:
+        event = (time.time(), broker, hook, request, target, decision)
+        self._ring.append(event)
+        if self.path is not None:
+            self._pending.append(event)
+            self._recorded += 1
+
+    def recent(self) -> list[DecisionEvent]:
+        return [DecisionEvent(*raw) for raw in self._ring]
+
+    # -- file sink ------------------------------------------------------------------------------
+    def _take_batch(self) -> tuple[deque[_Raw], int]:
+        events, self._pending = self._pending, deque(maxlen=self._max_pending)
+        dropped, self._recorded = self._recorded - len(events), 0
+        self.dropped += dropped
+        return events, dropped
+
+    def _write_batch(self, events: Iterable[_Raw], dropped: int) -> None:
+        assert self.path is not None
+        lines = [self._line(*raw) for raw in events]
+        if dropped:
+            lines.append(orjson.dumps({"time": _now_iso(), "dropped_events": dropped}))
+        data = b"\n".join(lines) + b"\n"
+        # Opened per batch, so a log rotated by renaming (logrotate `create`) continues in a fresh file.
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        try:
+            os.write(fd, data)  # one append: lines from several processes never interleave mid-line
+        finally:
+            os.close(fd)
+
+    def _line(
+        self, ts: float, broker: str, hook: str, request: AuthzRequest, target: Target | None, decision: Decision
+    ) -> bytes:
+        """One JSON line. Everything but time, cache and latency depends only on (request, target, verdict,
+        broker, hook); a broker repeating a question on a cached answer brings the very same objects again,
+        so that part is serialized once and reused (a line then costs ~1 µs instead of ~8)."""
+        verdict = decision.verdict
+        key = (id(request), id(target), id(verdict), broker, hook)
+        entry = self._static.get(key)
+        if entry is None or entry[0] is not request or entry[1] is not target or entry[2] is not verdict:
+            fields = event_fields(ts, broker, hook, request, target, decision)
+            for dynamic in ("time", "cache", "latency_us"):
+                del fields[dynamic]
+            entry = (request, target, verdict, orjson.dumps(fields)[1:-1])  # the objects pin their ids
+            self._static[key] = entry
+        return b'{"time":"%s",%s,"cache":"%s","latency_us":%s}' % (
+            iso_time(ts).encode(),
+            entry[3],
+            decision.cache.encode(),
+            repr(round(decision.latency_us, 2)).encode(),
+        )
+
+    def flush(self) -> None:
+        """Write what is pending now, on this thread (used on close and by one-shot commands)."""
+        if self.path is not None and self._recorded:
+            self._write_batch(*self._take_batch())
+
+    async def start(self) -> None:
+        if self.path is not None and self._task is None:
+            self._task = asyncio.create_task(self._flush_forever(), name="authhook-decision-log")
+
+    async def _flush_forever(self) -> None:
+        # Serialized on the event loop in slices of _SLICE events with a yield between them: a worker
+        # thread measured worse (GIL hand-offs cost the loop ~25 % of its throughput under load, for ~6 %
+        # of actual serializing work), and slices keep any one stall well under a millisecond or two.
+        while True:
+            await asyncio.sleep(self._flush_interval)
+            if not self._recorded:
+                continue
+            events, dropped = self._take_batch()
+            batch = list(events)
+            try:
+                for start in range(0, len(batch), _SLICE):
+                    self._write_batch(batch[start : start + _SLICE], dropped if start == 0 else 0)
+                    await asyncio.sleep(0)
+            except OSError as exc:
+                self.dropped += len(batch)  # counted, and said, rather than silently gone
+                log.error("decision log write to %s failed, %d events lost: %s", self.path, len(batch), exc)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self.flush()
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+# -- querying ----------------------------------------------------------------------------------------
+
+_RELATIVE = re.compile(r"^(\d+)([smhd])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+def parse_since(value: str) -> datetime:
+    """``10m``, ``2h``, ``1d`` back from now, or an ISO-8601 time (UTC when no offset is given)."""
+    match = _RELATIVE.match(value.strip())
+    if match:
+        return datetime.now(UTC) - timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"`{value}` is neither a duration like 10m nor an ISO-8601 time") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionFilter:
+    """What ``authhook decisions`` filters on; None means any."""
+
+    client: str | None = None  # subject id, username or MQTT client id
+    channel: str | None = None
+    tenant: str | None = None
+    allowed: bool | None = None
+    since: datetime | None = None
+    broker: str | None = None
+
+    def matches(self, event: dict[str, Any]) -> bool:
+        if "action" not in event:  # drop markers and foreign lines
+            return False
+        if self.client is not None and self.client not in (
+            event.get("subject"),
+            event.get("username"),
+            event.get("client_id"),
+        ):
+            return False
+        if self.channel is not None and event.get("channel") != self.channel:
+            return False
+        if self.tenant is not None and event.get("tenant") != self.tenant:
+            return False
+        if self.allowed is not None and event.get("allowed") is not self.allowed:
+            return False
+        if self.broker is not None and event.get("broker") != self.broker:
+            return False
+        return not (self.since is not None and datetime.fromisoformat(event["time"]) < self.since)
+
+
+def read_events(lines: Iterable[str], where: DecisionFilter) -> Iterator[dict[str, Any]]:
+    for line in lines:
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash must not hide the rest
+        if isinstance(event, dict) and where.matches(event):
+            yield event

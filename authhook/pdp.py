@@ -1,0 +1,350 @@
+"""The policy decision point: the one object adapters, the CLI and library users ask.
+
+It resolves the topic (validation, ``$share/`` stripping, template) once, asks the cache and then the
+evaluator, turns every failure into a fail-closed deny that says why, and writes exactly one decision-log
+event per call. It never raises to its caller for a decision; only setup errors raise.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from authhook.cache import DecisionCache
+from authhook.config import Settings, load_settings
+from authhook.credentials import SecretHasher, load_or_create_pepper
+from authhook.decision_log import DecisionLog
+from authhook.errors import AuthhookError, EvaluatorError, InvalidInput, StoreError
+from authhook.evaluators import build_evaluator
+from authhook.evaluators.base import AclProvider, Grants, PolicyEvaluator
+from authhook.evaluators.inhouse import InHouseEvaluator
+from authhook.models import Action, AuthzRequest, CacheStatus, Decision, Reason, Subject, Target, Verdict
+from authhook.store import Store, create_store
+from authhook.store.base import SubjectKind
+from authhook.topics import (
+    TopicError,
+    TopicTemplate,
+    is_system_topic,
+    split_shared,
+    validate_identity,
+    validate_topic_filter,
+    validate_topic_name,
+)
+
+log = logging.getLogger("authhook.pdp")
+
+CORE = "core"  # the evaluator name on verdicts the core reaches before any evaluator runs
+_TOPIC_REASONS = {
+    "invalid_topic": Reason.INVALID_TOPIC,
+    "invalid_filter": Reason.INVALID_FILTER,
+    "invalid_shared_subscription": Reason.INVALID_SHARED_SUBSCRIPTION,
+    "invalid_identity": Reason.INVALID_IDENTITY,
+}
+
+
+def make_request(
+    action: Action | str,
+    username: str,
+    topic: str | None = None,
+    *,
+    client_id: str | None = None,
+    tenant: str | None = None,
+    peer: str | None = None,
+    qos: int | None = None,
+    retain: bool = False,
+) -> AuthzRequest:
+    """Shorthand for library callers: ``make_request("publish", "dev-1", "m/acme/c/telemetry")``."""
+    subject = Subject(username=username, client_id=client_id, tenant=tenant, peer=peer)
+    return AuthzRequest(subject=subject, action=Action(action), topic=topic, qos=qos, retain=retain)
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    """A decision with the path that led to it, step by step."""
+
+    decision: Decision
+    steps: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.decision.to_dict(), "steps": self.steps}
+
+
+class PDP:
+    """Authenticate, authorize and explain, in-process, with the cache and decision log in front."""
+
+    def __init__(
+        self,
+        store: Store,
+        hasher: SecretHasher,
+        *,
+        evaluator: PolicyEvaluator | None = None,
+        cache: DecisionCache | None = None,
+        decision_log: DecisionLog | None = None,
+        template: TopicTemplate | None = None,
+    ) -> None:
+        self.store = store
+        self.hasher = hasher
+        self.evaluator: PolicyEvaluator = evaluator or InHouseEvaluator(store)
+        self.cache = cache
+        self.decision_log = decision_log or DecisionLog()
+        self.template = template or TopicTemplate()
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None, **overrides: Any) -> PDP:
+        """Build everything from settings (or ``load_settings(**overrides)``); call ``open`` next."""
+        settings = settings or load_settings(**overrides)
+        store = create_store(settings.store_url, deadline_s=settings.store_deadline_s)
+        if settings.secret_key is not None:
+            pepper = settings.secret_key.get_secret_value().encode()
+        else:
+            key_file = settings.resolved_secret_key_file()
+            if key_file is None:
+                raise InvalidInput("an in-memory store needs `secret_key` (AUTHHOOK_SECRET_KEY)")
+            pepper = load_or_create_pepper(key_file)
+        cache = None
+        if settings.cache.enabled:
+            c = settings.cache
+            cache = DecisionCache(store.board, maxsize=c.maxsize, allow_ttl=c.allow_ttl_s, deny_ttl=c.deny_ttl_s)
+        decision_log = DecisionLog(
+            settings.resolved_decision_log_path(),
+            ring_size=settings.decision_log.ring_size,
+            flush_interval=settings.decision_log.flush_interval_s,
+        )
+        return cls(
+            store,
+            SecretHasher(pepper),
+            evaluator=build_evaluator(settings.evaluator, store),
+            cache=cache,
+            decision_log=decision_log,
+            template=TopicTemplate(settings.topic_template),
+        )
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def open(self) -> PDP:
+        await self.store.open()
+        await self.decision_log.start()
+        return self
+
+    async def close(self) -> None:
+        await self.decision_log.close()
+        await self.evaluator.close()
+        await self.store.close()
+
+    async def __aenter__(self) -> PDP:
+        return await self.open()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    # -- decisions ------------------------------------------------------------------------------
+    async def authorize(self, request: AuthzRequest, *, broker: str = "library", hook: str = "authorize") -> Decision:
+        """May this subject publish/subscribe/connect? Never raises; always logged."""
+        started = time.perf_counter()
+        cache = self.cache
+        if cache is not None:
+            key = request.cache_key()
+            entry = cache.get(key)
+            if entry is not None:
+                decision = Decision(entry.verdict, "hit", (time.perf_counter() - started) * 1e6)
+                self.decision_log.record(request, entry.target, decision, broker, hook)
+                return decision
+        target = self.resolve(request)
+        if isinstance(target, Verdict):
+            decision = Decision(target, "bypass", (time.perf_counter() - started) * 1e6)
+            self.decision_log.record(request, None, decision, broker, hook)
+            return decision
+        status: CacheStatus = "bypass"
+        if cache is None:
+            verdict = await self._evaluate(request, target)
+        else:
+            verdict, status = await cache.get_or_evaluate(key, target, lambda: self._evaluate(request, target))
+        decision = Decision(verdict, status, (time.perf_counter() - started) * 1e6)
+        self.decision_log.record(request, target, decision, broker, hook)
+        return decision
+
+    async def authenticate(
+        self,
+        username: str | None,
+        password: str | None,
+        *,
+        client_id: str | None = None,
+        peer: str | None = None,
+        broker: str = "library",
+        hook: str = "connect",
+    ) -> Decision:
+        """CONNECT: check the secret (client) or password (user), then whether the subject may connect."""
+        started = time.perf_counter()
+        verdict: Verdict
+        request = AuthzRequest(
+            subject=Subject(username=_safe_identity(username), client_id=_safe_identity(client_id), peer=peer),
+            action=Action.CONNECT,
+        )
+        try:
+            verdict = await self._authenticate(username, password, client_id, request)
+        except Exception as exc:
+            verdict = self._failure(exc)
+        decision = Decision(verdict, "bypass", (time.perf_counter() - started) * 1e6)
+        self.decision_log.record(request, None, decision, broker, hook)
+        return decision
+
+    def refuse(
+        self,
+        action: Action,
+        reason: Reason,
+        detail: str,
+        *,
+        broker: str,
+        hook: str,
+        username: str | None = None,
+        client_id: str | None = None,
+    ) -> Decision:
+        """Log and return a deny reached before any question could be asked (malformed input, a check
+        authhook has no concept for such as superuser); adapters answer it in the broker's vocabulary."""
+        subject = Subject(username=_safe_identity(username), client_id=_safe_identity(client_id))
+        decision = Decision(_core_deny(reason, detail), "bypass", 0.0)
+        self.decision_log.record(AuthzRequest(subject=subject, action=action), None, decision, broker, hook)
+        return decision
+
+    async def grants(self, subject: str) -> Grants | None:
+        """The subject's grants listed up front, if the evaluator can list them; None on any failure,
+        so a broker then asks per PUBLISH/SUBSCRIBE instead of getting a partial list."""
+        if not isinstance(self.evaluator, AclProvider):
+            return None
+        try:
+            return await self.evaluator.grants(subject)
+        except AuthhookError as exc:
+            log.warning("could not list grants for `%s`: %s", subject, exc)
+            return None
+
+    async def explain(self, request: AuthzRequest) -> Explanation:
+        """The decision as the evaluator reaches it now (no cache), with every step it took."""
+        started = time.perf_counter()
+        steps: list[str] = []
+        target = self.resolve(request)
+        if isinstance(target, Verdict):
+            steps.append(target.detail)
+            return Explanation(Decision(target, "bypass", (time.perf_counter() - started) * 1e6), steps)
+        if target.shared_group is not None:
+            steps.append(f"shared subscription group `{target.shared_group}` stripped: `{target.topic}`")
+        address = target.address
+        if address is not None:
+            steps.append(
+                f"topic maps to tenant `{address.tenant or '*'}`, channel `{address.channel or '*'}`"
+                + (f", subtopic `{address.subtopic}`" if address.subtopic else "")
+            )
+        verdict = await self._evaluate(request, target, steps)
+        return Explanation(Decision(verdict, "bypass", (time.perf_counter() - started) * 1e6), steps)
+
+    # -- internals ------------------------------------------------------------------------------
+    def resolve(self, request: AuthzRequest) -> Target | Verdict:
+        """Validate and map the topic; a Verdict means the request was refused before evaluation."""
+        if request.action is Action.CONNECT:
+            return Target(None, None)
+        topic = request.topic
+        if topic is None:
+            return _core_deny(Reason.MISSING_TOPIC, f"{request.action.value} without a topic")
+        try:
+            if request.action is Action.PUBLISH:
+                validate_topic_name(topic)
+                if is_system_topic(topic):
+                    return Target(topic, None, is_system=True)
+                return Target(topic, self.template.parse_topic(topic))
+            group, inner = split_shared(topic)
+            validate_topic_filter(inner)
+        except TopicError as exc:
+            return _core_deny(_TOPIC_REASONS.get(exc.code, Reason.INVALID_TOPIC), str(exc))
+        if is_system_topic(inner):
+            return Target(inner, None, group, is_filter=True, is_system=True)
+        return Target(inner, self.template.parse_filter(inner), group, is_filter=True)
+
+    async def _evaluate(self, request: AuthzRequest, target: Target, trace: list[str] | None = None) -> Verdict:
+        try:
+            return await self.evaluator.evaluate(request, target, trace=trace)
+        except Exception as exc:
+            verdict = self._failure(exc)
+            if trace is not None:
+                trace.append(f"deny: {verdict.detail}")
+            return verdict
+
+    def _failure(self, exc: Exception) -> Verdict:
+        """Fail closed, and say why in the decision log."""
+        if isinstance(exc, StoreError):
+            reason = Reason.STORE_UNAVAILABLE
+        elif isinstance(exc, EvaluatorError):
+            reason = Reason.EVALUATOR_UNAVAILABLE
+        else:
+            reason = Reason.INTERNAL_ERROR
+        if isinstance(exc, AuthhookError):
+            log.warning("decision failed closed: %s", exc)
+            detail = str(exc)
+        else:
+            log.exception("decision failed closed on an unexpected error")
+            detail = "internal error (see the server log)"
+        return Verdict(False, reason, detail, self.evaluator.name)
+
+    async def _authenticate(
+        self, username: str | None, password: str | None, client_id: str | None, request: AuthzRequest
+    ) -> Verdict:
+        if not username or password is None or password == "":
+            return _core_deny(Reason.BAD_CREDENTIALS, "username and password are required")
+        try:
+            validate_identity(username, "username")
+            if client_id:
+                validate_identity(client_id, "client id")
+        except TopicError as exc:
+            return _core_deny(Reason.INVALID_IDENTITY, str(exc))
+        credential = await self.store.credential(username)
+        if credential is None:
+            # Same cost as checking a client secret, so an unknown id is not told apart by timing.
+            self.hasher.verify_client_secret(password, "hmac-sha256$" + "0" * 64)
+            return _core_deny(Reason.UNKNOWN_SUBJECT, f"no client or user `{username}`")
+        if credential.subject.kind is SubjectKind.CLIENT:
+            valid = self.hasher.verify_client_secret(password, credential.stored_hash)
+        else:
+            valid = await self.hasher.verify_password(password, credential.stored_hash)
+        if not valid:
+            return Verdict(
+                False,
+                Reason.BAD_CREDENTIALS,
+                f"wrong secret for `{username}`",
+                CORE,
+                subject_tenant=credential.subject.tenant,
+            )
+        verdict = await self.evaluator.evaluate(request, Target(None, None))
+        if not verdict.allowed:
+            return verdict
+        return Verdict(
+            True,
+            Reason.AUTHENTICATED,
+            f"credentials valid; {verdict.detail}",
+            verdict.evaluator,
+            verdict.revision,
+            f"{credential.subject.kind.value}:{username}",
+            credential.subject.tenant,
+        )
+
+
+def _core_deny(reason: Reason, detail: str) -> Verdict:
+    return Verdict(False, reason, detail, CORE)
+
+
+def _safe_identity(value: str | None) -> str | None:
+    """Identity for the log record; one that fails validation is dropped rather than logged raw."""
+    if value is None:
+        return None
+    try:
+        validate_identity(value, "identity")
+    except TopicError:
+        return None
+    return value
+
+
+async def open_pdp(config_file: Path | None = None, **overrides: Any) -> PDP:
+    """``pdp = await open_pdp(store_url="sqlite:///authhook.db")`` - build from settings and open."""
+    return await PDP.from_settings(load_settings(config_file, **overrides)).open()

@@ -1,0 +1,64 @@
+"""Settings: file < environment < explicit arguments, validated once, with clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from authhook.config import load_settings
+from authhook.errors import ConfigError
+
+
+def test_file_then_environment_then_arguments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "authhook.yaml"
+    config.write_text(
+        "store_url: sqlite:///from-file.db\ncache:\n  allow_ttl_s: 30\n  deny_ttl_s: 3\nhttp:\n  port: 9001\n"
+    )
+    settings = load_settings(config)
+    assert settings.store_url == "sqlite:///from-file.db"
+    assert (settings.cache.allow_ttl_s, settings.cache.deny_ttl_s, settings.http.port) == (30, 3, 9001)
+    monkeypatch.setenv("AUTHHOOK_STORE_URL", "sqlite:///from-env.db")
+    monkeypatch.setenv("AUTHHOOK_HTTP__PORT", "9002")
+    settings = load_settings(config)
+    assert settings.store_url == "sqlite:///from-env.db"
+    assert settings.http.port == 9002
+    assert load_settings(config, store_url="sqlite:///from-flag.db").store_url == "sqlite:///from-flag.db"
+
+
+def test_toml_files_work_too(tmp_path: Path) -> None:
+    config = tmp_path / "authhook.toml"
+    config.write_text('topic_template = "tenants/{tenant}/channels/{channel}/{subtopic}"\n')
+    assert load_settings(config).topic_template.startswith("tenants/")
+
+
+def test_paths_derive_from_the_sqlite_file() -> None:
+    settings = load_settings(store_url="sqlite:////var/lib/authhook/main.db")
+    assert str(settings.resolved_decision_log_path()) == "/var/lib/authhook/main.db.decisions.jsonl"
+    assert str(settings.resolved_secret_key_file()) == "/var/lib/authhook/main.db.key"
+    memory = load_settings(store_url="sqlite://:memory:")
+    assert memory.resolved_decision_log_path() is None and memory.resolved_secret_key_file() is None
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("cache:\n  maxsize: 0\n", "maxsize"),
+        ("topic_template: m/{channel}\n", "topic_template"),
+        ("no_such_setting: 1\n", "no_such_setting"),
+        ("- a list\n", "must hold a mapping"),
+        ("store_url: [unclosed\n", "is not valid"),
+    ],
+)
+def test_bad_config_is_a_clear_error(tmp_path: Path, content: str, message: str) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text(content)
+    with pytest.raises(ConfigError, match=message):
+        load_settings(config)
+
+
+def test_unsupported_store_urls_are_refused() -> None:
+    from authhook.store import create_store
+
+    with pytest.raises(ConfigError, match="unsupported store url"):
+        create_store("mysql://x")

@@ -1,0 +1,100 @@
+"""Decision log: one event per decision with broker and hook, a JSON-lines file, queries, explain."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from authhook import PDP, Reason, make_request
+from authhook.decision_log import DecisionFilter, DecisionLog, parse_since, read_events
+
+
+async def test_every_decision_is_recorded_with_broker_hook_and_why(demo: PDP) -> None:
+    await demo.authenticate("acme-thermo-1", "acme-thermo-1-demo-secret", broker="emqx", hook="authn")
+    await demo.authorize(make_request("publish", "acme-thermo-1", "m/acme/c/telemetry/t"), broker="emqx", hook="authz")
+    await demo.authorize(make_request("publish", "acme-thermo-1", "m/acme/c/telemetry/t"), broker="emqx", hook="authz")
+    await demo.authorize(
+        make_request("subscribe", "acme-thermo-1", "m/globex/c/telemetry"), broker="vernemq", hook="sub"
+    )
+    events = [e.to_dict() for e in demo.decision_log.recent()]
+    assert [(e["broker"], e["hook"], e["action"]) for e in events] == [
+        ("emqx", "authn", "connect"),
+        ("emqx", "authz", "publish"),
+        ("emqx", "authz", "publish"),
+        ("vernemq", "sub", "subscribe"),
+    ]
+    assert [e["cache"] for e in events[1:3]] == ["miss", "hit"]
+    publish = events[1]
+    assert publish["allowed"] is True
+    assert publish["reason"] == "connected"
+    assert publish["decided_by"] == "connection:acme-thermo-1/telemetry"
+    assert publish["tenant"] == "acme" and publish["channel"] == "telemetry"
+    assert publish["evaluator"] == "inhouse" and publish["revision"] > 0 and publish["latency_us"] > 0
+    assert events[3]["reason"] == "wrong_tenant" and events[3]["allowed"] is False
+    assert events[2]["channel"] == "telemetry"  # a cache hit still says which channel
+
+
+async def test_the_file_sink_writes_json_lines_that_the_query_filters(demo: PDP) -> None:
+    await demo.authorize(make_request("publish", "acme-thermo-1", "m/acme/c/telemetry"))
+    await demo.authorize(make_request("publish", "acme-thermo-1", "m/acme/c/alarms"))
+    await demo.authorize(make_request("publish", "globex-meter-7", "m/globex/c/telemetry"))
+    demo.decision_log.flush()
+    assert demo.decision_log.path is not None
+    lines = demo.decision_log.path.read_text().splitlines()
+    assert len(lines) == 3 and all(json.loads(line)["action"] == "publish" for line in lines)
+
+    def query(**kw: object) -> list[dict[str, object]]:
+        return list(read_events(lines, DecisionFilter(**kw)))  # type: ignore[arg-type]
+
+    assert len(query(client="acme-thermo-1")) == 2
+    assert [e["channel"] for e in query(client="acme-thermo-1", allowed=False)] == ["alarms"]
+    assert [e["tenant"] for e in query(tenant="globex")] == ["globex"]
+    assert len(query(channel="telemetry")) == 2
+    assert len(query(allowed=True)) == 2
+    assert query(since=datetime.now(UTC) + timedelta(minutes=1)) == []
+    assert len(query(since=parse_since("5m"))) == 3
+
+
+def test_since_accepts_durations_and_iso_times_and_rejects_the_rest() -> None:
+    assert datetime.now(UTC) - parse_since("2h") > timedelta(minutes=119)
+    assert parse_since("2026-01-02T03:04:05").tzinfo is not None
+    with pytest.raises(ValueError, match="neither"):
+        parse_since("yesterday")
+
+
+def test_a_truncated_line_does_not_hide_the_rest() -> None:
+    good = json.dumps({"action": "publish", "allowed": True, "time": datetime.now(UTC).isoformat()})
+    assert len(list(read_events(['{"action": "pub', good, ""], DecisionFilter()))) == 1
+
+
+async def test_a_full_pending_queue_drops_the_oldest_and_says_so(demo: PDP, tmp_path: object) -> None:
+    from pathlib import Path
+
+    path = Path(str(tmp_path)) / "small.jsonl"
+    log = DecisionLog(path, max_pending=2)
+    request = make_request("publish", "x", "m/a/c/b")
+    decision = await demo.authorize(request)
+    for _ in range(5):
+        log.record(request, None, decision, "test", "hook")
+    log.flush()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len([line for line in lines if "action" in line]) == 2
+    assert lines[-1]["dropped_events"] == 3 and log.dropped == 3
+
+
+async def test_explain_walks_the_path(demo: PDP) -> None:
+    allowed = await demo.explain(make_request("subscribe", "acme-dashboard", "$share/g/m/acme/c/telemetry/#"))
+    assert allowed.decision.allowed
+    text = "\n".join(allowed.steps)
+    assert "shared subscription group `g`" in text
+    assert "tenant `acme`, channel `telemetry`" in text
+    assert "connected to `telemetry`" in text
+    denied = await demo.explain(make_request("publish", "acme-gateway", "m/acme/c/alarms"))
+    assert denied.decision.reason is Reason.DENIED_BY_BLOCK
+    assert denied.steps[-1].startswith("deny: ") and "role:floor-gateway/block:no-alarms" in denied.steps[-1]
+    assert denied.decision.cache == "bypass"
+    broad = await demo.explain(make_request("subscribe", "acme-dashboard", "m/acme/c/+"))
+    assert broad.decision.reason is Reason.WILDCARD_TOO_BROAD
+    assert any("wildcard channel level" in step for step in broad.steps)
