@@ -1,0 +1,119 @@
+"""EMQX 5.x HTTP authentication (``POST /emqx/authn``) and HTTP authorization (``POST /emqx/authz``).
+
+EMQX renders every template variable as a string (``"qos":"1"``, ``"retain":"false"``) and treats any
+non-200 answer as "ignore", so a malformed request is answered 200 ``deny`` with a reason, never a 4xx
+that would let the chain fall through. ``ignore`` is only sent for failures when configured.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from authhook.brokers.common import Malformed, TranslationMemo, failed_open, json_answer, read_fields, text
+from authhook.config import Settings
+from authhook.evaluators.base import Grants
+from authhook.models import Action, AuthzRequest, Decision, Reason, Subject
+from authhook.pdp import PDP
+from authhook.topics import TopicTemplate
+
+BROKER = "emqx"
+_ACCESS = {"1": Action.SUBSCRIBE, "2": Action.PUBLISH}  # EMQX 4 compatible `${access}`
+
+
+# -- translate (pure) ---------------------------------------------------------------------------------
+
+
+def authn_credentials(data: dict[str, Any]) -> tuple[str | None, str | None, str | None, str | None]:
+    """(username, password, clientid, peerhost) from the operator's body template."""
+    return text(data, "username"), text(data, "password"), text(data, "clientid"), text(data, "peerhost")
+
+
+def authz_request(data: dict[str, Any]) -> AuthzRequest:
+    action_text = text(data, "action")
+    if action_text in ("publish", "subscribe"):
+        action = Action(action_text)
+    elif action_text is None and text(data, "access") in _ACCESS:
+        action = _ACCESS[str(data["access"])]
+    else:
+        raise Malformed("`action` must be publish or subscribe")
+    qos_text = text(data, "qos")
+    if qos_text is not None and qos_text not in ("0", "1", "2"):
+        raise Malformed("`qos` must be 0, 1 or 2")
+    try:
+        subject = Subject(
+            username=text(data, "username"), client_id=text(data, "clientid"), peer=text(data, "peerhost")
+        )
+    except ValueError:
+        raise Malformed("username or clientid contains `+`, `#`, `/` or NUL") from None
+    return AuthzRequest(
+        subject=subject,
+        action=action,
+        topic=text(data, "topic", required=True),
+        qos=int(qos_text) if qos_text is not None else None,
+        retain=text(data, "retain") == "true",
+    )
+
+
+def acl_rules(grants: Grants, template: TopicTemplate) -> list[dict[str, Any]]:
+    """EMQX 5.8 ``acl`` rules (first match wins) equivalent to the grants, ending in ``deny all #``."""
+    rules: list[dict[str, Any]] = [
+        {"permission": "allow" if allowed else "deny", "action": action.value, "topic": topic_filter}
+        for topic_filter, action, allowed in grants.system
+    ]
+    suffix = "/#" if template.has_subtopic else ""  # '#' also matches the channel topic itself
+    for action in (Action.PUBLISH, Action.SUBSCRIBE):
+        if action in grants.tenant_wide:
+            topics = [template.topic_for(grants.tenant, "+") + suffix]
+        else:
+            topics = [template.topic_for(grants.tenant, channel) + suffix for channel in grants.channels[action]]
+        if topics:
+            rules.append({"permission": "allow", "action": action.value, "topics": topics})
+    rules.append({"permission": "deny", "action": "all", "topic": "#"})
+    return rules
+
+
+def answer(decision: Decision, settings: Settings, *, authn: bool) -> dict[str, Any]:
+    if decision.allowed:
+        return {"result": "allow", "is_superuser": False} if authn else {"result": "allow"}
+    if failed_open(decision, settings):
+        return {"result": "ignore", "reason": decision.reason.value}
+    return {"result": "deny", "reason": decision.reason.value}
+
+
+# -- routes -------------------------------------------------------------------------------------------
+
+
+def add_routes(app: web.Application, pdp: PDP, settings: Settings) -> None:
+    async def authn(request: web.Request) -> web.Response:
+        try:
+            data = await read_fields(request)
+            username, password, clientid, peer = authn_credentials(data)
+        except Malformed as exc:
+            decision = pdp.refuse(Action.CONNECT, Reason.MALFORMED_REQUEST, str(exc), broker=BROKER, hook="authn")
+        else:
+            decision = await pdp.authenticate(
+                username, password, client_id=clientid, peer=peer, broker=BROKER, hook="authn"
+            )
+            if decision.allowed and settings.brokers.emqx_return_acl and username is not None:
+                grants = await pdp.grants(username)
+                if grants is not None:  # without a complete list, EMQX keeps asking per PUBLISH/SUBSCRIBE
+                    return json_answer(
+                        {**answer(decision, settings, authn=True), "acl": acl_rules(grants, pdp.template)}
+                    )
+        return json_answer(answer(decision, settings, authn=True))
+
+    translate_authz = TranslationMemo(authz_request)
+
+    async def authz(request: web.Request) -> web.Response:
+        try:
+            authz_req = await translate_authz(request)
+        except Malformed as exc:
+            decision = pdp.refuse(Action.PUBLISH, Reason.MALFORMED_REQUEST, str(exc), broker=BROKER, hook="authz")
+        else:
+            decision = await pdp.authorize(authz_req, broker=BROKER, hook="authz")
+        return json_answer(answer(decision, settings, authn=False))
+
+    app.router.add_post("/emqx/authn", authn)
+    app.router.add_post("/emqx/authz", authz)

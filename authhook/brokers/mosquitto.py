@@ -1,0 +1,121 @@
+"""mosquitto-go-auth HTTP backend: ``POST /mosquitto-go-auth/user``, ``/superuser``, ``/acl``.
+
+Parameters arrive as JSON or as a form (``http_params_mode``); the answer follows the plugin's
+``http_response_mode``, which authhook's ``brokers.mosquitto_response_mode`` must match:
+
+| mode   | allow                         | deny                                   | failure (store down) |
+| status | 200                           | 403                                    | 503                  |
+| json   | 200 ``{"ok":true,"error":""}`` | 200 ``{"ok":false,"error":"<reason>"}`` | 503 json             |
+| text   | 200 ``ok``                    | 403 ``<reason>``                       | 503 ``<reason>``     |
+
+A failure is a 5xx on purpose: the plugin treats it as an error (not cached, retried, then refused)
+rather than caching a deny. ``acc``: 1 read (a delivery: the subscriber's subscribe right on the concrete
+topic), 2 write (publish), 3 read+write (both must hold), 4 subscribe (the filter as sent).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from authhook.brokers.common import Malformed, TranslationMemo, read_fields, text
+from authhook.config import Settings
+from authhook.models import Action, AuthzRequest, Decision, Reason, Subject
+from authhook.pdp import PDP
+
+BROKER = "mosquitto-go-auth"
+_ACC_ACTIONS = {
+    1: (Action.SUBSCRIBE,),
+    2: (Action.PUBLISH,),
+    3: (Action.SUBSCRIBE, Action.PUBLISH),
+    4: (Action.SUBSCRIBE,),
+}
+
+
+# -- translate (pure) ---------------------------------------------------------------------------------
+
+
+def acl_requests(data: dict[str, Any]) -> list[AuthzRequest]:
+    raw_acc = data.get("acc")
+    try:
+        acc = int(raw_acc) if isinstance(raw_acc, (int, str)) and not isinstance(raw_acc, bool) else None
+    except ValueError:
+        acc = None
+    if acc not in _ACC_ACTIONS:
+        raise Malformed("`acc` must be 1, 2, 3 or 4")
+    try:
+        subject = Subject(username=text(data, "username"), client_id=text(data, "clientid"))
+    except ValueError:
+        raise Malformed("username or clientid contains `+`, `#`, `/` or NUL") from None
+    topic = text(data, "topic", required=True)
+    return [AuthzRequest(subject=subject, action=action, topic=topic) for action in _ACC_ACTIONS[acc]]
+
+
+def answer(decision: Decision, mode: str) -> web.Response:
+    verdict = decision.verdict
+    status = 200 if verdict.allowed else 503 if verdict.failed else 403
+    if mode == "json":
+        ok = verdict.allowed
+        return web.json_response(
+            {"ok": ok, "error": "" if ok else verdict.reason.value}, status=200 if ok or not verdict.failed else 503
+        )
+    if mode == "text":
+        return web.Response(text="ok" if verdict.allowed else verdict.reason.value, status=status)
+    return web.Response(status=status)
+
+
+# -- routes -------------------------------------------------------------------------------------------
+
+
+def add_routes(app: web.Application, pdp: PDP, settings: Settings) -> None:
+    mode = settings.brokers.mosquitto_response_mode
+
+    def malformed(action: Action, exc: Malformed, hook: str) -> web.Response:
+        decision = pdp.refuse(action, Reason.MALFORMED_REQUEST, str(exc), broker=BROKER, hook=hook)
+        # 400 is a clean deny in every response mode (non-2xx below 500).
+        return web.json_response({"ok": False, "error": decision.reason.value}, status=400)
+
+    async def user(request: web.Request) -> web.Response:
+        try:
+            data = await read_fields(request)
+            username, password, clientid = text(data, "username"), text(data, "password"), text(data, "clientid")
+        except Malformed as exc:
+            return malformed(Action.CONNECT, exc, "user")
+        decision = await pdp.authenticate(username, password, client_id=clientid, broker=BROKER, hook="user")
+        return answer(decision, mode)
+
+    async def superuser(request: web.Request) -> web.Response:
+        # authhook's model has no superusers: every subject is bound by its tenant's grants.
+        try:
+            username = text(await read_fields(request), "username")
+        except Malformed as exc:
+            return malformed(Action.CONNECT, exc, "superuser")
+        decision = pdp.refuse(
+            Action.CONNECT,
+            Reason.NOT_SUPERUSER,
+            "authhook grants no superuser rights",
+            broker=BROKER,
+            hook="superuser",
+            username=username,
+        )
+        return answer(decision, mode)
+
+    translate_acl = TranslationMemo(acl_requests)
+
+    async def acl(request: web.Request) -> web.Response:
+        try:
+            requests = await translate_acl(request)
+        except Malformed as exc:
+            return malformed(Action.PUBLISH, exc, "acl")
+        decision = None
+        for authz in requests:  # acc 3 needs both; the first deny answers
+            decision = await pdp.authorize(authz, broker=BROKER, hook="acl")
+            if not decision.allowed:
+                break
+        assert decision is not None
+        return answer(decision, mode)
+
+    app.router.add_post("/mosquitto-go-auth/user", user)
+    app.router.add_post("/mosquitto-go-auth/superuser", superuser)
+    app.router.add_post("/mosquitto-go-auth/acl", acl)
