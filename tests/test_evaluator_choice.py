@@ -1,0 +1,44 @@
+"""The evaluator is chosen in config; cache, decision log and explain work the same with each."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from authhook import PDP, Reason, make_request
+from authhook.config import EvaluatorSettings, load_settings
+from authhook.errors import ConfigError
+from authhook.world import import_world, load_world
+
+from .conftest import DEMO_WORLD, settings_for
+
+EXPECTED_NAME = {"inhouse": "inhouse", "opa": "opa-embedded", "cedar": "cedar"}
+
+
+@pytest.mark.parametrize("kind", ["inhouse", "opa", "cedar"])
+async def test_each_evaluator_behind_the_same_cache_log_and_explain(tmp_path: Path, kind: str) -> None:
+    settings = settings_for(tmp_path / "e.db", evaluator=EvaluatorSettings(kind=kind))  # type: ignore[arg-type]
+    async with PDP.from_settings(settings) as pdp:
+        await import_world(pdp.store, pdp.hasher, load_world(DEMO_WORLD))
+        allowed = make_request("publish", "acme-thermo-1", "m/acme/c/telemetry")
+        first, second = await pdp.authorize(allowed), await pdp.authorize(allowed)
+        assert (first.allowed, first.verdict.evaluator, first.cache, second.cache) == (
+            True,
+            EXPECTED_NAME[kind],
+            "miss",
+            "hit",
+        )
+        await pdp.store.disconnect("acme", "acme-thermo-1", "telemetry", frozenset({"publish"}))
+        assert (await pdp.authorize(allowed)).reason is Reason.NOT_CONNECTED  # the revoke bites at once
+        why = await pdp.explain(make_request("publish", "acme-gateway", "m/acme/c/alarms"))
+        assert (why.decision.allowed, why.decision.reason) == (False, Reason.DENIED_BY_BLOCK)
+        assert why.steps
+        login = await pdp.authenticate("acme-thermo-1", "acme-thermo-1-demo-secret")
+        assert login.allowed
+        assert {e.to_dict()["evaluator"] for e in pdp.decision_log.recent()} >= {EXPECTED_NAME[kind]}
+
+
+def test_a_remote_opa_needs_a_url() -> None:
+    with pytest.raises(ConfigError, match="opa_url"):
+        load_settings(evaluator={"kind": "opa", "opa_mode": "remote"})
