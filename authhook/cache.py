@@ -37,6 +37,14 @@ class CacheEntry:
 
 
 @dataclass(slots=True)
+class _Flight:
+    """An evaluation under way, and the write sequence it started at (who may share its answer)."""
+
+    future: asyncio.Future[Verdict]
+    sequence: int
+
+
+@dataclass(slots=True)
 class CacheStats:
     hits: int = 0
     misses: int = 0
@@ -64,7 +72,7 @@ class DecisionCache:
         self._allow_ttl = allow_ttl
         self._deny_ttl = deny_ttl
         self._clock = clock
-        self._inflight: dict[Hashable, asyncio.Future[Verdict]] = {}
+        self._inflight: dict[Hashable, _Flight] = {}
         self.stats = CacheStats()
 
     def __len__(self) -> int:
@@ -100,21 +108,24 @@ class DecisionCache:
         if entry is not None:
             return entry.verdict, "hit"
         self.stats.misses += 1
+        board = self._board
+        sequence = board.sequence()
         pending = self._inflight.get(key)
-        if pending is not None:
+        # Join an evaluation already under way only if no write has begun since it started: one that
+        # began before a revoke may have read the old facts, and sharing it would serve the old allow.
+        if pending is not None and pending.sequence == sequence and sequence % 2 == 0:
             self.stats.shared += 1
             try:
-                return await asyncio.shield(pending), "miss"
+                return await asyncio.shield(pending.future), "miss"
             except asyncio.CancelledError:
                 task = asyncio.current_task()
-                if not pending.cancelled() or (task is not None and task.cancelling()):
+                if not pending.future.cancelled() or (task is not None and task.cancelling()):
                     raise  # we were cancelled ourselves
                 # The caller that was evaluating for us went away (its broker hung up): evaluate ourselves.
                 return await self.get_or_evaluate(key, target, evaluate)
-        board = self._board
-        sequence = board.sequence()
-        future: asyncio.Future[Verdict] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = future
+        flight = _Flight(asyncio.get_running_loop().create_future(), sequence)
+        future = flight.future
+        self._inflight[key] = flight
         try:
             verdict = await evaluate()
         except asyncio.CancelledError:
@@ -125,7 +136,8 @@ class DecisionCache:
             future.exception()  # mark retrieved: followers, if any, re-raise it themselves
             raise
         finally:
-            del self._inflight[key]
+            if self._inflight.get(key) is flight:  # a newer flight may have replaced ours after a write
+                del self._inflight[key]
         future.set_result(verdict)
         if not verdict.failed and sequence % 2 == 0:
             deps = self._dependencies(target, verdict)

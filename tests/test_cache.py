@@ -142,6 +142,33 @@ async def test_concurrent_identical_misses_are_evaluated_once() -> None:
     assert cache.stats.shared == 49
 
 
+async def test_a_miss_after_a_write_does_not_share_an_evaluation_that_began_before_it() -> None:
+    """The leader may have read the facts before the revoke: whoever asks after the write evaluates anew."""
+    board = RevisionBoard()
+    cache = DecisionCache(board)
+    gate = asyncio.Event()
+    answers = iter([True, False])  # what the facts said before and after the revoke
+
+    async def evaluate() -> Verdict:
+        allowed = next(answers)
+        if allowed:
+            await gate.wait()  # the leader read the old facts and is still working
+        return _verdict(allowed)
+
+    leader = asyncio.create_task(cache.get_or_evaluate("k", TARGET, evaluate))
+    await asyncio.sleep(0)
+    with board.writing([tenant_slot("acme")]):
+        pass  # the revoke commits
+    after, _ = await cache.get_or_evaluate("k", TARGET, evaluate)
+    assert not after.allowed
+    assert cache.stats.shared == 0
+    gate.set()
+    assert (await leader)[0].allowed  # the leader's own caller asked before the write
+    stored = cache.get("k")  # what is cached is the answer computed after the write, not the leader's
+    assert stored is not None
+    assert not stored.verdict.allowed
+
+
 async def test_failures_are_never_cached_and_followers_see_the_error() -> None:
     cache = DecisionCache(RevisionBoard())
 
