@@ -166,7 +166,7 @@ class DecisionLog:
             fields = event_fields(ts, broker, hook, request, target, decision)
             for dynamic in ("time", "cache", "latency_us"):
                 del fields[dynamic]
-            entry = (request, target, verdict, orjson.dumps(fields)[1:-1])  # the objects pin their ids
+            entry = (request, target, verdict, _dumps(fields)[1:-1])  # the objects pin their ids
             self._static[key] = entry
         return b'{"time":"%s",%s,"cache":"%s","latency_us":%s}' % (
             iso_time(ts).encode(),
@@ -198,7 +198,7 @@ class DecisionLog:
                 for start in range(0, len(batch), _SLICE):
                     self._write_batch(batch[start : start + _SLICE], dropped if start == 0 else 0)
                     await asyncio.sleep(0)
-            except OSError as exc:
+            except Exception as exc:  # the sink must outlive any one bad batch, or every later event is lost
                 self.dropped += len(batch)  # counted, and said, rather than silently gone
                 log.error("decision log write to %s failed, %d events lost: %s", self.path, len(batch), exc)
 
@@ -209,6 +209,15 @@ class DecisionLog:
                 await self._task
             self._task = None
         self.flush()
+
+
+def _dumps(fields: dict[str, Any]) -> bytes:
+    """orjson, or the standard library for what orjson refuses: a refused request's raw topic may hold a
+    lone surrogate (a JSON ``\\ud800`` escape), which only an ASCII-escaped line can carry."""
+    try:
+        return orjson.dumps(fields)
+    except TypeError:
+        return json.dumps(fields, separators=(",", ":")).encode()
 
 
 def _now_iso() -> str:

@@ -98,3 +98,17 @@ async def test_explain_walks_the_path(demo: PDP) -> None:
     broad = await demo.explain(make_request("subscribe", "acme-dashboard", "m/acme/c/+"))
     assert broad.decision.reason is Reason.WILDCARD_TOO_BROAD
     assert any("wildcard channel level" in step for step in broad.steps)
+
+
+async def test_a_refused_topic_with_a_lone_surrogate_is_logged_and_the_sink_keeps_going(demo: PDP) -> None:
+    """A JSON body may carry ``"\\ud800"``: the request is refused, and its log line must still be written,
+    along with every decision after it."""
+    bad = await demo.authorize(make_request("publish", "acme-thermo-1", "m/acme/c/telemetry/\ud800"))
+    assert (bad.allowed, bad.reason) == (False, Reason.INVALID_TOPIC)
+    await demo.authorize(make_request("publish", "acme-thermo-1", "m/acme/c/telemetry/t"))
+    await demo.decision_log.close()
+    assert demo.decision_log.path is not None
+    lines = demo.decision_log.path.read_text().splitlines()
+    events = [json.loads(line) for line in lines]
+    assert [e["reason"] for e in events[-2:]] == ["invalid_topic", "connected"]
+    assert events[-2]["topic"] == "m/acme/c/telemetry/\ud800"
