@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 from typing import Any, Literal
 
 import yaml
@@ -161,6 +162,17 @@ class Settings(BaseSettings):
             return self.decision_log.path
         db = self.sqlite_path()
         return db.with_name(db.name + ".decisions.jsonl") if db is not None else None
+
+    def store_url_for_logs(self) -> str:
+        """The store URL with any password replaced, for log lines and status output."""
+        parts = urlsplit(self.store_url)
+        if parts.password is None:
+            return self.store_url
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
 
     def resolved_secret_key_file(self) -> Path | None:
         if self.secret_key_file is not None:

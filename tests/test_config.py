@@ -62,3 +62,19 @@ def test_unsupported_store_urls_are_refused() -> None:
 
     with pytest.raises(ConfigError, match="unsupported store url"):
         create_store("mysql://x")
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        (
+            "postgresql://authhook:s3cret@db.internal:5433/authz?schema=a",
+            "postgresql://authhook:***@db.internal:5433/authz?schema=a",
+        ),
+        ("postgresql://authhook:s3cret@[::1]/authz", "postgresql://authhook:***@[::1]/authz"),
+        ("postgresql://authhook@db.internal/authz", "postgresql://authhook@db.internal/authz"),
+        ("sqlite:///authhook.db", "sqlite:///authhook.db"),
+    ],
+)
+def test_the_store_url_is_logged_without_its_password(url: str, shown: str) -> None:
+    assert load_settings(store_url=url).store_url_for_logs() == shown

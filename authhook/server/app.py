@@ -178,7 +178,13 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
         for address in runner.addresses:  # the real port when 0 asked the kernel to pick one
             port = address[1]
         scheme = "https" if context is not None else "http"
-        log.info("authhook listening on %s://%s:%s (store %s)", scheme, settings.http.host, port, settings.store_url)
+        log.info(
+            "authhook listening on %s://%s:%s (store %s)",
+            scheme,
+            settings.http.host,
+            port,
+            settings.store_url_for_logs(),
+        )
         print(f"authhook listening on {scheme}://{settings.http.host}:{port}", flush=True)
         if ready is not None:
             ready(port)
