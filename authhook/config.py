@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
