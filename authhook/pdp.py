@@ -7,6 +7,8 @@ event per call. It never raises to its caller for a decision; only setup errors 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -92,6 +94,7 @@ class PDP:
         self.cache = cache
         self.decision_log = decision_log or DecisionLog()
         self.template = template or TopicTemplate()
+        self._reopening: asyncio.Task[None] | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None, **overrides: Any) -> PDP:
@@ -124,12 +127,44 @@ class PDP:
         )
 
     # -- lifecycle ------------------------------------------------------------------------------
-    async def open(self) -> PDP:
-        await self.store.open()
+    async def open(self, *, retry_store: bool = False) -> PDP:
+        """Open the store and start the decision log.
+
+        With ``retry_store`` (what ``serve`` uses) a database that cannot be reached yet does not stop the
+        PDP: it answers every decision with a fail-closed ``store_unavailable`` deny, ``/readyz`` says 503,
+        and the store is opened in the background as soon as the database answers. Without it (one-shot
+        commands, library callers) the error is raised, so the caller can say so at once.
+        """
         await self.decision_log.start()
+        try:
+            await self.store.open()
+        except StoreError as exc:
+            if not retry_store:
+                await self.decision_log.close()
+                raise
+            log.error("store unavailable at start, retrying in the background: %s", exc)
+            self._reopening = asyncio.create_task(self._open_store_eventually(), name="authhook-store-open")
         return self
 
+    async def _open_store_eventually(self, first_wait: float = 0.5, longest_wait: float = 10.0) -> None:
+        wait = first_wait
+        while True:
+            await asyncio.sleep(wait)
+            try:
+                await self.store.open()
+            except StoreError as exc:
+                log.warning("store still unavailable: %s", exc)
+                wait = min(wait * 2, longest_wait)
+            else:
+                log.info("store open")
+                return
+
     async def close(self) -> None:
+        if self._reopening is not None:
+            self._reopening.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reopening
+            self._reopening = None
         await self.decision_log.close()
         await self.evaluator.close()
         await self.store.close()

@@ -6,6 +6,7 @@ Secrets in the file are hashed on import and never written back out. See README 
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -158,9 +159,12 @@ async def import_world(store: Store, hasher: SecretHasher, world: World) -> dict
                 await store.put_subject(record, stored)
                 counts["clients"] += 1
             for u in t.users:
-                stored = u.password_hash or hasher.hash_password(u.password or "")
+                # argon2 is slow on purpose (~0.1 s): off the event loop, so a server importing keeps answering
+                password_hash = u.password_hash
+                if not password_hash:
+                    password_hash = await asyncio.to_thread(hasher.hash_password, u.password or "")
                 record = SubjectRecord(id=u.id, tenant=t.id, kind=SubjectKind.USER, name=u.name, enabled=u.enabled)
-                await store.put_subject(record, stored)
+                await store.put_subject(record, password_hash)
                 counts["users"] += 1
             for ch in t.channels:
                 await store.put_channel(Channel(id=ch.id, tenant=t.id, name=ch.name))

@@ -168,7 +168,7 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
     check_webhook_protection(settings)
     context = tls_context(settings.http)
     pdp = PDP.from_settings(settings)
-    await pdp.open()
+    await pdp.open(retry_store=True)
     runner = web.AppRunner(create_app(pdp, settings), access_log=None)
     await runner.setup()
     try:

@@ -34,7 +34,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from authhook.errors import Conflict, InvalidInput, NotFound, StoreUnavailable
 from authhook.models import Action, ActionSet
-from authhook.revision import IDENTITY_SLOT, RevisionBoard, tenant_slot
+from authhook.revision import IDENTITY_SLOT, SLOT_COUNT, RevisionBoard, tenant_slot
 from authhook.store.base import (
     AssigneeKind,
     Assignment,
@@ -62,8 +62,13 @@ Conn = asyncpg.Connection | PoolConnectionProxy
 
 DEFAULT_SCHEMA = "authhook"
 DEFAULT_DEADLINE_S = 0.5
-DEFAULT_LISTEN_CHECK_S = 1.0
-_SCHEMA_PATTERN = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+DEFAULT_LISTEN_CHECK_S = 0.05
+# Cached decisions are trusted only while the change feed was proven alive this recently: a connection
+# that dies silently (a frozen network, no reset) loses notifications without any error to react to.
+DEFAULT_LISTEN_LEASE_S = 0.25
+_CHANNEL_PREFIX = "authhook_changes_"
+# The NOTIFY channel name embeds the schema and PostgreSQL identifiers stop at 63 bytes; `pg_` is reserved.
+_SCHEMA_PATTERN = re.compile(rf"(?!pg_)[a-z_][a-z0-9_]{{0,{63 - len(_CHANNEL_PREFIX) - 1}}}")
 
 # Errors that mean "the database cannot answer now", as opposed to "the data says no".
 _UNAVAILABLE = (
@@ -135,6 +140,10 @@ MIGRATIONS: tuple[str, ...] = (
         FOREIGN KEY (tenant_id, role_id) REFERENCES roles(tenant_id, id) ON DELETE CASCADE);
     CREATE INDEX role_assignments_by_assignee ON role_assignments(tenant_id, assignee_kind, assignee_id);
     """,
+    # 2: walking a channel group down to its sub-groups (role scopes, group deletion) by parent.
+    """
+    CREATE INDEX groups_by_parent ON groups(tenant_id, parent_id) WHERE parent_id IS NOT NULL;
+    """,
 )
 
 # $1 subject, $2 topic tenant (NULL: none), $3 channel (NULL: none). Channel, connection and blocks are
@@ -194,8 +203,11 @@ def parse_url(url: str) -> tuple[str, str]:
     parts = urlsplit(url)
     query = parse_qsl(parts.query, keep_blank_values=True)
     schema = next((v for k, v in query if k == "schema"), DEFAULT_SCHEMA)
-    if not _SCHEMA_PATTERN.match(schema):
-        raise InvalidInput(f"schema `{schema}` must be a lowercase sql identifier")
+    if not _SCHEMA_PATTERN.fullmatch(schema):
+        raise InvalidInput(
+            f"schema `{schema}` must be a lowercase sql identifier of at most "
+            f"{63 - len(_CHANNEL_PREFIX)} characters, not starting with pg_"
+        )
     rest = urlencode([(k, v) for k, v in query if k != "schema"])
     return urlunsplit(parts._replace(query=rest)), schema
 
@@ -209,15 +221,19 @@ class PostgresStore:
         *,
         deadline_s: float = DEFAULT_DEADLINE_S,
         listen_check_s: float = DEFAULT_LISTEN_CHECK_S,
+        listen_lease_s: float = DEFAULT_LISTEN_LEASE_S,
         min_pool: int = 2,
         max_pool: int = 10,
     ) -> None:
         self._dsn, self.schema = parse_url(url)
         self._deadline = deadline_s
+        if listen_lease_s <= listen_check_s:
+            raise InvalidInput("the listen lease must be longer than the interval between liveness probes")
         self._listen_check = listen_check_s
+        self._listen_lease = listen_lease_s
         self._min_pool, self._max_pool = min_pool, max_pool
         self._pool: asyncpg.Pool | None = None
-        self.channel = f"authhook_changes_{self.schema}"
+        self.channel = _CHANNEL_PREFIX + self.schema
         self.instance = uuid.uuid4().hex  # lets the listener skip its own notifications
         self.board = RevisionBoard()
         self.listener = ChangeListener(self)
@@ -231,7 +247,7 @@ class PostgresStore:
         # from the first call (custom plans would be re-planned, ~1 ms each, for the first five).
         settings = {
             "search_path": self.schema,
-            "application_name": "authhook",
+            "application_name": self.application_name,
             "jit": "off",
             "plan_cache_mode": "force_generic_plan",
         }
@@ -246,6 +262,10 @@ class PostgresStore:
             )
             await self._migrate()
         except _UNAVAILABLE as exc:
+            # Leave nothing half-open, so that trying again later starts from the beginning.
+            pool, self._pool = self._pool, None
+            if pool is not None:
+                pool.terminate()
             raise StoreUnavailable(f"cannot reach postgresql: {exc}") from exc
         await self.listener.start()
 
@@ -253,14 +273,23 @@ class PostgresStore:
         """A connection outside the pool (the listener's), with the same schema."""
         return await asyncpg.connect(
             self._dsn,
-            server_settings={"search_path": self.schema, "application_name": "authhook-listener"},
+            server_settings={"search_path": self.schema, "application_name": self.application_name + ":listen"},
             timeout=max(self._deadline * 4, 2.0),
         )
 
+    @property
+    def application_name(self) -> str:
+        """Names this store's sessions in pg_stat_activity, so an operator (or a test) can tell its schema's."""
+        return f"authhook:{self.schema}"
+
     async def _migrate(self) -> None:
         async with self._acquire_for_write() as conn, conn.transaction():
-            await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
-            await conn.execute("SELECT pg_advisory_xact_lock(hashtext(current_schema()))")
+            # The lock comes first, keyed by the schema's name: instances starting together on a new
+            # database would otherwise race on CREATE SCHEMA itself.
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext('authhook:' || $1::text))", self.schema)
+            exists = await conn.fetchval("SELECT true FROM pg_namespace WHERE nspname = $1", self.schema)
+            if not exists:  # a schema a DBA made must not need the CREATE privilege on the database
+                await conn.execute(f'CREATE SCHEMA "{self.schema}"')
             await conn.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations "
                 "(version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
@@ -283,11 +312,6 @@ class PostgresStore:
         return self._pool
 
     @asynccontextmanager
-    async def _acquire_for_read(self) -> AsyncIterator[Conn]:
-        async with self.pool.acquire(timeout=self._deadline) as conn:
-            yield conn
-
-    @asynccontextmanager
     async def _acquire_for_write(self) -> AsyncIterator[Conn]:
         async with self.pool.acquire(timeout=max(self._deadline * 4, 5.0)) as conn:
             yield conn
@@ -302,12 +326,31 @@ class PostgresStore:
         return value
 
     async def _read(self, fn: Callable[[Conn], Any]) -> Any:
+        """Run one read under the deadline, all of it: waiting for a connection, the query, the release.
+
+        A query cut short by the deadline is not released the usual way: asyncpg would first wait (up to
+        its own timeout) for the server to confirm the cancellation, which on a frozen network doubles the
+        time the broker waits. The connection is closed at once instead and the pool opens a new one.
+        """
+        pool = self.pool
+        conn: PoolConnectionProxy[Any] | None = None
         try:
             async with asyncio.timeout(self._deadline):
-                async with self._acquire_for_read() as conn:
-                    return await fn(conn)
+                conn = await pool.acquire()
+                result = await fn(conn)
+        except TimeoutError as exc:
+            if conn is not None:
+                conn.terminate()
+            raise StoreUnavailable(f"postgresql did not answer within {self._deadline} s") from exc
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(f"postgresql read failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            if conn is not None:
+                try:
+                    await pool.release(conn)
+                except _UNAVAILABLE as exc:  # the answer (or the error above) stands; the pool replaces it
+                    log.warning("could not return a connection to the pool: %s", exc)
+        return result
 
     # -- decision reads -------------------------------------------------------------------------
     async def facts(self, subject: str, tenant: str | None, channel: str | None) -> Facts:
@@ -765,7 +808,13 @@ class ChangeListener:
 
     While it is not listening - at start-up before the first LISTEN, after the connection drops, while
     reconnecting - the board is suspended: every cached entry is invalid and nothing new is cached.
-    A liveness probe on the listening connection every ``listen_check_s`` catches silent drops.
+
+    A connection can also die silently (a frozen network sends no reset), and then notifications stop
+    with no error to react to. So listening is a lease: a liveness probe runs every ``listen_check_s``,
+    and each answer proves that every change committed before the probe was sent has been delivered
+    (PostgreSQL hands a listener its notifications before the answer to its next query). If no probe
+    has been answered for ``listen_lease_s``, a timer suspends the board - no decision waits for it,
+    and a cached allow can outlive a lost feed by that long at most.
     """
 
     def __init__(self, store: PostgresStore) -> None:
@@ -773,6 +822,8 @@ class ChangeListener:
         self._task: asyncio.Task[None] | None = None
         self._conn: asyncpg.Connection | None = None
         self._lost = asyncio.Event()
+        self._expiry: asyncio.TimerHandle | None = None
+        self.lease_expired = 0  # times the lease ran out (a silent connection, or a starved event loop)
         self.listening = asyncio.Event()
         self.received = 0
         # send-to-apply lag of the latest notifications (bounded: the server runs for months)
@@ -786,6 +837,7 @@ class ChangeListener:
                 await self.listening.wait()
 
     async def stop(self) -> None:
+        self._cancel_lease()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -806,7 +858,9 @@ class ChangeListener:
                 self._conn = conn
                 self._lost.clear()
                 conn.add_termination_listener(lambda _conn: self._lost.set())
+                started = asyncio.get_running_loop().time()
                 await conn.add_listener(self._store.channel, self._on_notify)
+                self._renew_lease(started)
                 self._store.board.resume()
                 self.listening.set()
                 log.info("listening for changes on %s", self._store.channel)
@@ -816,6 +870,7 @@ class ChangeListener:
                 raise
             except Exception as exc:  # any failure to listen is the same: suspend and retry
                 log.warning("change listener unavailable: %s", exc)
+            self._cancel_lease()
             self.listening.clear()
             self._store.board.suspend()
             await self._close_conn()
@@ -823,20 +878,53 @@ class ChangeListener:
             backoff = min(backoff * 2, 2.0)
 
     async def _watch(self, conn: Conn) -> None:
-        """Return when the listening connection is gone (terminated, or failing its liveness probe)."""
-        check = self._store._listen_check
+        """Return when the listening connection is gone (terminated, failing its probe, lease run out)."""
+        check, lease = self._store._listen_check, self._store._listen_lease
+        loop = asyncio.get_running_loop()
         while not self._lost.is_set():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(check):
                     await self._lost.wait()
                     return
-            async with asyncio.timeout(check):
+            sent = loop.time()
+            async with asyncio.timeout(lease):
                 await conn.fetchval("SELECT 1")
+            self._renew_lease(sent)
+
+    def _renew_lease(self, proven_at: float) -> None:
+        """Everything committed before ``proven_at`` has reached us: trust the board until the lease ends."""
+        self._cancel_lease()
+        when = proven_at + self._store._listen_lease
+        self._expiry = asyncio.get_running_loop().call_at(when, self._on_lease_expired, when, True)
+
+    def _cancel_lease(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+
+    def _on_lease_expired(self, when: float, grace_left: bool) -> None:
+        loop = asyncio.get_running_loop()
+        check, lease = self._store._listen_check, self._store._listen_lease
+        if grace_left and loop.time() - when > check:
+            # This timer ran late, so our own event loop was stalled (CPU-bound work, a starved machine):
+            # the next probe may not even have been sent. No decision ran during the stall either; give
+            # the feed one more lease before calling it lost, rather than flush every cache on a hiccup.
+            self._expiry = loop.call_later(lease, self._on_lease_expired, loop.time() + lease, False)
+            return
+        self._expiry = None
+        self.lease_expired += 1
+        log.warning(
+            "no sign of life from the change feed for %s s: caching stops until it is back", self._store._listen_lease
+        )
+        self._store.board.suspend()
+        self._lost.set()  # the watcher reconnects
 
     def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
         try:
             change = json.loads(str(payload))
             slots = [int(s) for s in change["slots"]]
+            if not all(0 < slot <= SLOT_COUNT for slot in slots):
+                raise ValueError("slot out of range")
         except (ValueError, KeyError, TypeError):
             log.error("unreadable change notification; dropping every cached decision")
             self._store.board.invalidate_all()
