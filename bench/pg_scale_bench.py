@@ -8,9 +8,11 @@ World: T tenants, each with 1,000 clients and 100 channels; every client connect
 tenant for publish and subscribe; every tenant has an operator role (tenant-wide subscribe) assigned to a
 group of ten clients, so some decisions walk groups and roles. Decisions run with the cache off; the
 figure is the server-side time ``Decision.latency_us`` (topic parse, one round trip, policy), sequential.
-The invalidation lag is measured from the moment instance A starts its revoke until instance B's
-revision board has moved for that tenant (so it includes A's write transaction), both instances in this
-process on separate connections; the listener also reports send-to-apply times from the payload.
+The invalidation lag is measured between two processes, as in a real fleet: instance B runs in a child
+process and prints the wall-clock time at which its revision board moved for each notification; instance
+A, here, revokes a connection and notes when its write started and when it returned (committed). The lag
+is B's apply time minus A's commit (negative when B applied before A's call had even returned), and,
+as an upper bound, minus the start of A's write.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -137,6 +141,69 @@ def requests(tenants: int, count: int) -> list[Any]:
     return made
 
 
+async def invalidation_lag(a: PDP, url: str, tenants: int, revokes: int) -> dict[str, Any]:
+    """Revoke on A (this process), see it applied on B (a child process); lags in milliseconds."""
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        __file__,
+        "--listen-only",
+        url,
+        stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, "AUTHHOOK_SECRET_KEY": "b" * 64},
+    )
+    assert child.stdout is not None
+    try:
+        assert (await child.stdout.readline()).strip() == b"listening"
+        from_commit, from_start, write_ms = [], [], []
+        rng = random.Random(5)
+        for _ in range(revokes):
+            t, d = rng.randrange(tenants), rng.randrange(CLIENTS_PER_TENANT)
+            tenant, client, channel = f"t{t}", f"t{t}-d{d}", f"c{d % CHANNELS_PER_TENANT}"
+            for write in ("revoke", "grant"):
+                started = time.time()
+                if write == "revoke":
+                    await a.store.disconnect(tenant, client, channel, frozenset({"publish"}))
+                else:
+                    connection = Connection(
+                        tenant=tenant, client=client, channel=channel, actions=frozenset({"publish"})
+                    )
+                    await a.store.connect(connection)
+                committed = time.time()
+                slot, applied = (await child.stdout.readline()).split()
+                assert int(slot) == tenant_slot(tenant)
+                if write == "revoke":
+                    from_commit.append((float(applied) - committed) * 1000)
+                    from_start.append((float(applied) - started) * 1000)
+                    write_ms.append((committed - started) * 1000)
+    finally:
+        child.terminate()
+        await child.wait()
+    return {
+        "invalidation_lag_ms_from_commit": summary(from_commit),
+        "invalidation_lag_ms_from_write_start": summary(from_start),
+        "revoke_write_ms_on_a": summary(write_ms),
+        "b_applied_before_a_returned": f"{sum(lag <= 0 for lag in from_commit)}/{revokes}",
+    }
+
+
+async def listen_only(url: str) -> None:
+    """Instance B: print when the board moved for each notification, until terminated."""
+    b = PDP.from_settings(Settings(store_url=url, decision_log=DecisionLogSettings(enabled=False)))
+    listener = b.store.listener  # type: ignore[attr-defined]
+    hear = listener._on_notify  # wrapped before the listener starts, so every (re)connection uses it
+
+    def heard(conn: object, pid: int, channel: str, payload: object) -> None:
+        hear(conn, pid, channel, payload)
+        moved = time.time()
+        for slot in json.loads(str(payload))["slots"]:
+            print(slot, repr(moved), flush=True)
+
+    listener._on_notify = heard
+    async with b:
+        print("listening", flush=True)
+        await asyncio.Event().wait()
+
+
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     schema = f"bench_{uuid.uuid4().hex[:10]}"
     url = f"{args.dsn}?schema={schema}"
@@ -161,34 +228,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             results["uncached_decision_ms"] = summary(latencies)
             results["allowed_share"] = round(allowed / len(asks), 3)
 
-            async with PDP.from_settings(Settings(**base)) as b:  # type: ignore[arg-type]
-                lags: list[float] = []
-                write_ms: list[float] = []
-                applied_before_return = 0
-                rng = random.Random(5)
-                for _ in range(args.revokes):
-                    t, d = rng.randrange(args.tenants), rng.randrange(CLIENTS_PER_TENANT)
-                    tenant, client, channel = f"t{t}", f"t{t}-d{d}", f"c{d % CHANNELS_PER_TENANT}"
-                    slot = tenant_slot(tenant)
-                    before = b.store.board.read(slot)
-                    started = time.perf_counter()
-                    await a.store.disconnect(tenant, client, channel, frozenset({"publish"}))
-                    returned = time.perf_counter()
-                    applied_before_return += b.store.board.read(slot) != before
-                    while b.store.board.read(slot) == before:  # noqa: ASYNC110 - polling is what is measured
-                        await asyncio.sleep(0)
-                    lags.append((time.perf_counter() - started) * 1000)
-                    write_ms.append((returned - started) * 1000)
-                    await a.store.connect(
-                        Connection(tenant=tenant, client=client, channel=channel, actions=frozenset({"publish"}))
-                    )
-                # From A starting its revoke until B's board moved: an upper bound on the lag, since it
-                # includes A's whole write transaction (NOTIFY is only delivered on commit).
-                results["invalidation_lag_ms_from_write_start"] = summary(lags)
-                results["revoke_write_ms_on_a"] = summary(write_ms)
-                results["b_applied_before_a_returned"] = f"{applied_before_return}/{args.revokes}"
-                listener = b.store.listener  # type: ignore[attr-defined]
-                results["notify_to_apply_ms_incl_commit"] = summary(list(listener.lags_ms))
+            results.update(await invalidation_lag(a, url, args.tenants, args.revokes))
     finally:
         if not args.keep:
             conn = await asyncpg.connect(args.dsn)
@@ -206,7 +246,11 @@ if __name__ == "__main__":
     parser.add_argument("--revokes", type=int, default=300)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--keep", action="store_true", help="keep the schema for inspection")
+    parser.add_argument("--listen-only", metavar="URL", help=argparse.SUPPRESS)  # the child process, instance B
     arguments = parser.parse_args()
+    if arguments.listen_only:
+        asyncio.run(listen_only(arguments.listen_only))
+        sys.exit(0)
     outcome = asyncio.run(main(arguments))
     text = json.dumps(outcome, indent=2)
     print(text)
