@@ -102,10 +102,21 @@ class BrokerSettings(BaseModel):
     emqx_return_acl: bool = Field(
         default=False,
         description="answer a successful EMQX CONNECT with the client's whole ACL, which EMQX then enforces "
-        "locally for the session: fewer calls, but a revoke only reaches the client when it reconnects",
+        "locally for the session: fewer calls, but a revoke only reaches the client when it reconnects "
+        "or the ACL expires (`emqx_acl_ttl_s`)",
+    )
+    emqx_acl_ttl_s: int = Field(
+        default=300,
+        ge=1,
+        le=31 * 24 * 3600,  # EMQX refuses an expire_at that looks like milliseconds; keep it plainly seconds
+        description="with `emqx_return_acl`, the ACL's lifetime: authhook sends `expire_at` = now + this, and "
+        "EMQX disconnects the client then, so a revoke reaches live sessions within this many seconds",
     )
     mosquitto_response_mode: Literal["status", "json", "text"] = "status"
     rabbitmq_exchange: str = "amq.topic"
+    rabbitmq_vhost: str = Field(
+        default="/", min_length=1, description="the one RabbitMQ virtual host MQTT clients may use; others are denied"
+    )
 
 
 class Settings(BaseSettings):

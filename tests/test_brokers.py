@@ -12,6 +12,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from authhook import PDP
+from authhook.brokers.common import Malformed
 from authhook.brokers.rabbitmq import mqtt_topic
 from authhook.config import BrokerSettings, HttpSettings, WebhookSettings
 from authhook.server import create_app
@@ -30,11 +31,11 @@ MakeClient = Callable[..., Any]
 async def make_client(demo: PDP) -> AsyncIterator[MakeClient]:
     clients: list[Client] = []
 
-    async def make(**brokers: Any) -> Client:
+    async def make(token: str | None = TOKEN, max_body_bytes: int = 4096, **brokers: Any) -> Client:
         settings = settings_for(
             "sqlite:///unused.db",
-            http=HttpSettings(max_body_bytes=4096),
-            webhook=WebhookSettings(token=TOKEN),  # type: ignore[arg-type]
+            http=HttpSettings(max_body_bytes=max_body_bytes),
+            webhook=WebhookSettings(token=token),  # type: ignore[arg-type]
             brokers=BrokerSettings(**brokers),
         )
         client = TestClient(TestServer(create_app(demo, settings)))
@@ -402,27 +403,84 @@ async def rabbit(client: Client, path: str, form: str, method: str = "POST") -> 
     return body
 
 
+LOGIN = f"username=acme-thermo-1&password={GOOD_SECRET}&vhost=%2F&client_id=boiler-1"
+
+
 async def test_rabbitmq_connect_path(client: Client) -> None:
-    login = f"username=acme-thermo-1&password={GOOD_SECRET}&vhost=%2F&client_id=boiler-1"
-    assert await rabbit(client, "user", login) == "allow"
-    assert await rabbit(client, "user", login, method="GET") == "allow"
+    assert await rabbit(client, "user", LOGIN) == "allow"
     assert await rabbit(client, "user", "username=acme-thermo-1&password=wrong-one-123&vhost=%2F") == "deny"
     assert await rabbit(client, "user", "password=x") == "deny"  # malformed: no username
     assert await rabbit(client, "vhost", "username=acme-thermo-1&vhost=%2F&ip=127.0.0.1&tags=") == "allow"
     assert await rabbit(client, "vhost", "username=ghost&vhost=%2F&ip=127.0.0.1&tags=") == "deny"
 
 
+async def test_rabbitmq_get_with_the_token_in_the_url_is_refused(client: Client, make_client: MakeClient) -> None:
+    """With ``http_method = get`` RabbitMQ appends ``?<query>`` to the configured path as it is, so a path that
+    already holds ``?token=T`` arrives as ``?token=T?username=...``: the token no longer matches and the
+    request is a 401 (RabbitMQ then refuses). That is why the docs require POST with a token in the URL."""
+    response = await client.get(f"/rabbitmq/user?token={TOKEN}?{LOGIN}")
+    assert (response.status, await response.json()) == (401, {"error": "unauthorized"})
+    # Without a token (loopback or mutual TLS only), RabbitMQ's GET query is read like the POST form.
+    open_client = await make_client(token=None)
+    response = await open_client.get(f"/rabbitmq/user?{LOGIN}")
+    assert (response.status, await response.text()) == (200, "allow")
+
+
+PLUMBING = "username=acme-thermo-1&vhost=%2F&tags=&client_id=boiler-1"
+
+
 @pytest.mark.parametrize(
     ("form", "expected"),
     [
         ("resource=exchange&name=amq.topic&permission=write", "allow"),
+        ("resource=exchange&name=amq.topic&permission=read", "allow"),
+        ("resource=exchange&name=amq.topic&permission=configure", "deny"),  # the MQTT plugin never asks it
         ("resource=queue&name=mqtt-subscription-boiler-1qos1&permission=configure", "allow"),
+        ("resource=queue&name=mqtt-subscription-boiler-1qos0&permission=read", "allow"),
+        ("resource=queue&name=mqtt-subscription-boiler-1qos0&permission=write", "allow"),
+        # another client's subscription queue: read would drain it, configure delete it
+        ("resource=queue&name=mqtt-subscription-victim-7qos1&permission=read", "deny"),
+        ("resource=queue&name=mqtt-subscription-victim-7qos0&permission=configure", "deny"),
+        ("resource=queue&name=mqtt-subscription-boiler-1qos1-extra&permission=read", "deny"),
+        ("resource=queue&name=mqtt-subscription-boiler-1qos2&permission=read", "deny"),
         ("resource=queue&name=orders&permission=read", "deny"),
         ("resource=exchange&name=amq.direct&permission=write", "deny"),
     ],
 )
-async def test_rabbitmq_resources_are_mqtt_plumbing_only(client: Client, form: str, expected: str) -> None:
-    assert await rabbit(client, "resource", f"username=acme-thermo-1&vhost=%2F&tags=&{form}") == expected
+async def test_rabbitmq_resources_are_the_callers_own_mqtt_plumbing_only(
+    client: Client, demo: PDP, form: str, expected: str
+) -> None:
+    assert await rabbit(client, "resource", f"{PLUMBING}&{form}") == expected
+    event = last_event(demo)
+    assert (event["hook"], event["action"], event["client_id"]) == ("resource", "connect", "boiler-1")
+    if expected == "deny":
+        assert (event["reason"], event["allowed"]) == ("malformed_request", False)
+
+
+async def test_rabbitmq_subscription_queues_need_the_client_id(client: Client, demo: PDP) -> None:
+    form = "username=acme-thermo-1&vhost=%2F&tags=&resource=queue&name=mqtt-subscription-boiler-1qos1&permission=read"
+    assert await rabbit(client, "resource", form) == "deny"
+    assert "client_id" in last_event(demo)["detail"]
+    assert await rabbit(client, "resource", form + "&client_id=boiler-1") == "allow"
+
+
+async def test_rabbitmq_only_the_configured_vhost(make_client: MakeClient, demo: PDP) -> None:
+    default, prod = await make_client(), await make_client(rabbitmq_vhost="prod")
+    vhost = "username=acme-thermo-1&ip=127.0.0.1&tags=&client_id=boiler-1&vhost="
+    topic = (
+        "username=acme-thermo-1&resource=topic&name=amq.topic&permission=write&tags=&client_id=boiler-1"
+        "&routing_key=m.acme.c.telemetry.t&vhost="
+    )
+    resource = f"{PLUMBING.replace('vhost=%2F&', '')}&resource=exchange&name=amq.topic&permission=write&vhost="
+    for path, form in (("vhost", vhost), ("resource", resource), ("topic", topic)):
+        assert await rabbit(default, path, form + "%2F") == "allow", path
+        assert await rabbit(default, path, form + "prod") == "deny", path
+        event = last_event(demo)
+        assert (event["reason"], event["hook"]) == ("outside_namespace", path)
+        assert "brokers.rabbitmq_vhost" in event["detail"]
+        assert await rabbit(prod, path, form + "prod") == "allow", path
+        assert await rabbit(prod, path, form + "%2F") == "deny", path
+        assert await rabbit(default, path, form.removesuffix("&vhost=")) == "deny", path  # no vhost at all
 
 
 @pytest.mark.parametrize(
@@ -455,9 +513,36 @@ async def test_rabbitmq_topic(
 
 
 def test_routing_keys_turn_back_into_mqtt_topics() -> None:
+    """RabbitMQ 3.10's MQTT plugin maps '/' to '.' and '+' to '*' (and back the same way on delivery); it
+    does not swap: a '.' inside an MQTT level becomes a level separator, so it is judged as one."""
     assert mqtt_topic("m.acme.c.ch.*") == "m/acme/c/ch/+"
     assert mqtt_topic("m.acme.c.ch.#") == "m/acme/c/ch/#"
-    assert mqtt_topic("m.acme.c.ch.v1/2") == "m/acme/c/ch/v1.2"  # a '.' in an MQTT level travels as '/'
+    assert mqtt_topic("m.acme.c.tele.metry.#") == "m/acme/c/tele/metry/#"  # MQTT `m/acme/c/tele.metry/#`
+    assert mqtt_topic(".m..x") == "/m//x"  # empty levels survive
+    with pytest.raises(Malformed) as refused:
+        mqtt_topic("m.acme.c.ch.v1/2")  # the plugin never sends '/': the key did not come from MQTT
+    assert refused.value.reason == "invalid_topic"
+
+
+async def test_rabbitmq_a_dot_in_a_level_is_judged_as_the_level_split_rabbitmq_routes_on(
+    client: Client, demo: PDP
+) -> None:
+    """``m/acme/c/telemetry.x/t`` reaches RabbitMQ as ``m.acme.c.telemetry.x.t``, which subscribers of
+    ``m/acme/c/telemetry/#`` receive: authhook judges it as that channel, not as a channel `telemetry.x`."""
+    from urllib.parse import quote
+
+    def form(user: str, permission: str, key: str) -> str:
+        return (
+            f"username={user}&vhost=%2F&resource=topic&name=amq.topic&permission={permission}&tags="
+            f"&routing_key={quote(key)}&variable_map.client_id=c-1"
+        )
+
+    assert await rabbit(client, "topic", form("acme-thermo-1", "write", "m.acme.c.telemetry.x.t")) == "allow"
+    assert last_event(demo)["topic"] == "m/acme/c/telemetry/x/t"
+    assert await rabbit(client, "topic", form("acme-thermo-1", "write", "m.acme.c.telemetry/x.t")) == "deny"
+    assert (last_event(demo)["reason"], last_event(demo)["action"]) == ("invalid_topic", "publish")
+    assert await rabbit(client, "topic", form("acme-dashboard", "read", "m.acme.c.alarms/x.#")) == "deny"
+    assert (last_event(demo)["reason"], last_event(demo)["action"]) == ("invalid_topic", "subscribe")
 
 
 # -- EMQX session ACL (opt-in) ------------------------------------------------------------------------
@@ -557,3 +642,260 @@ async def test_a_repeated_body_is_parsed_once_but_decided_every_time(client: Cli
     for _ in range(2):  # malformed input is refused every time, never remembered as something else
         response = await client.post("/emqx/authz", data=malformed, headers=EMQX_HEADERS)
         assert (await response.json())["reason"] == "malformed_request"
+
+
+# -- every hook: unknown client, bad input -------------------------------------------------------------
+#
+# One table row per hook a broker calls: how to send it, and its exact deny for malformed input. Bad input
+# of every kind must come back as that deny (never a 500, never an allow), logged as malformed_request.
+
+JSON_CT = "application/json"
+FORM_CT = "application/x-www-form-urlencoded"
+EMQX_DENY = (200, {"result": "deny", "reason": "malformed_request"})
+VERNE_DENY = (200, {"result": {"error": "malformed_request"}})
+GO_DENY = (400, {"ok": False, "error": "malformed_request"})
+RABBIT_DENY = (200, "deny")
+HOOKS: list[tuple[str, dict[str, str], tuple[int, Any]]] = [
+    ("/emqx/authn", {}, EMQX_DENY),
+    ("/emqx/authz", {}, EMQX_DENY),
+    *(
+        ("/vernemq", {"vernemq-hook": hook}, VERNE_DENY)
+        for hook in (
+            "auth_on_register",
+            "auth_on_register_m5",
+            "auth_on_publish",
+            "auth_on_publish_m5",
+            "auth_on_subscribe",
+            "auth_on_subscribe_m5",
+        )
+    ),
+    ("/mosquitto-go-auth/user", {}, GO_DENY),
+    ("/mosquitto-go-auth/superuser", {}, GO_DENY),
+    ("/mosquitto-go-auth/acl", {}, GO_DENY),
+    *((f"/rabbitmq/{path}", {}, RABBIT_DENY) for path in ("user", "vhost", "resource", "topic")),
+]
+HOOK_IDS = [path + (f":{headers['vernemq-hook']}" if headers else "") for path, headers, _ in HOOKS]
+
+# Every field any hook reads, so the fault is in the JSON itself and not in a missing field.
+FIELDS = (
+    b'"username":"acme-thermo-1","password":"acme-thermo-1-demo-secret","clientid":"c","client_id":"c",'
+    b'"vhost":"/","resource":"topic","name":"amq.topic","permission":"write","action":"publish","acc":2,'
+    b'"qos":1,"retain":false,"routing_key":"m.acme.c.telemetry.t","topic":"m/acme/c/telemetry/t",'
+    b'"topics":[{"topic":"m/acme/c/telemetry/t","qos":1}]'
+)
+BAD_JSON = {
+    "deep nesting": b"[" * 3000,
+    "deep nesting in a field": b"{" + FIELDS + b',"x":' + b"[" * 3000 + b"]" * 3000 + b"}",
+    "huge integer": b"{" + FIELDS + b',"x":' + b"7" * 5000 + b"}",
+    "lone surrogate": b"{" + FIELDS.replace(b"/telemetry/t", b"/telemetry/\\ud800") + b"}",
+    "list, not an object": b"[" + b"{" + FIELDS + b"}" + b"]",
+    "string, not an object": b'"acme-thermo-1"',
+    "not json": b"{not json",
+    "invalid utf-8": b'{"username":"\xff\xfe"}',
+    "empty body": b"",
+    "oversize body": b"{" + FIELDS + b',"x":"' + b"x" * 70_000 + b'"}',
+}
+
+
+async def post_raw(
+    client: Client, path: str, raw: bytes, content_type: str, headers: dict[str, str]
+) -> tuple[int, Any]:
+    response = await client.post(path, data=raw, headers={**AUTH, **headers, "content-type": content_type})
+    if response.content_type == "application/json":
+        return response.status, await response.json()
+    return response.status, await response.text()
+
+
+@pytest.mark.parametrize("bad", list(BAD_JSON), ids=list(BAD_JSON))
+@pytest.mark.parametrize(("path", "headers", "deny"), HOOKS, ids=HOOK_IDS)
+async def test_bad_json_is_each_brokers_deny(
+    make_client: MakeClient, demo: PDP, path: str, headers: dict[str, str], deny: tuple[int, Any], bad: str
+) -> None:
+    client = await make_client(max_body_bytes=64 * 1024)  # the default limit: room for a 5000-digit number
+    before = len(demo.decision_log.recent())
+    assert await post_raw(client, path, BAD_JSON[bad], JSON_CT, headers) == deny
+    assert len(demo.decision_log.recent()) == before + 1
+    event = last_event(demo)
+    assert (event["allowed"], event["reason"]) == (False, "malformed_request")
+
+
+BAD_FORMS = {
+    "unparsable form": b"username=acme-thermo-1&&=&%%%",
+    "invalid utf-8": b"username=\xff\xfe&password=x",
+    "empty body": b"",
+    "oversize body": b"username=acme-thermo-1&password=" + b"x" * 5000,
+}
+FORM_HOOKS = [hook for hook in HOOKS if hook[0].startswith(("/rabbitmq/", "/mosquitto-go-auth/", "/emqx/"))]
+
+
+# An empty form is a well-formed request with no fields: where no field is required it gets the hook's
+# ordinary deny for "no credentials" rather than malformed_request.
+EMPTY_FORM_ANSWERS: dict[str, tuple[tuple[int, Any], str]] = {
+    "/emqx/authn": ((200, {"result": "deny", "reason": "bad_credentials"}), "bad_credentials"),
+    "/mosquitto-go-auth/user": ((403, ""), "bad_credentials"),
+    "/mosquitto-go-auth/superuser": ((403, ""), "not_superuser"),
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_FORMS), ids=list(BAD_FORMS))
+@pytest.mark.parametrize(("path", "headers", "deny"), FORM_HOOKS, ids=[path for path, _, _ in FORM_HOOKS])
+async def test_bad_forms_are_each_brokers_deny(
+    client: Client, demo: PDP, path: str, headers: dict[str, str], deny: tuple[int, Any], bad: str
+) -> None:
+    expected, reason = (deny, "malformed_request")
+    if bad == "empty body" and path in EMPTY_FORM_ANSWERS:
+        expected, reason = EMPTY_FORM_ANSWERS[path]
+    assert await post_raw(client, path, BAD_FORMS[bad], FORM_CT, headers) == expected
+    assert (last_event(demo)["allowed"], last_event(demo)["reason"]) == (False, reason)
+
+
+async def test_rabbitmq_get_with_an_oversized_or_bad_query_is_a_deny(make_client: MakeClient) -> None:
+    open_client = await make_client(token=None)
+    for path in ("user", "vhost", "resource", "topic"):
+        response = await open_client.get(f"/rabbitmq/{path}?username=acme-thermo-1&%%%=&=")
+        assert (response.status, await response.text()) == (200, "deny")
+        response = await open_client.get(f"/rabbitmq/{path}?username=" + "x" * 9000)
+        assert 400 <= response.status < 500  # aiohttp refuses an over-long request line before any handler
+
+
+def topic_form(user: str, permission: str = "write", key: str = "m.acme.c.telemetry.t") -> str:
+    return (
+        f"username={user}&vhost=%2F&resource=topic&name=amq.topic&permission={permission}&tags="
+        f"&routing_key={key}&variable_map.client_id=c-1&variable_map.username={user}&variable_map.vhost=%2F"
+    )
+
+
+async def test_unknown_clients_are_denied_by_every_hook(client: Client, demo: PDP) -> None:
+    """Exact answers for a username the store does not know, on every hook that asks about a subject."""
+    ghost = {"username": "ghost", "password": GOOD_SECRET, "clientid": "g", "client_id": "g", "peerhost": ""}
+    publish = {**PUBLISH, "username": "ghost"}
+    subscribe = {"username": "ghost", "mountpoint": "", "client_id": "g", "topics": [{"topic": "m/acme/#", "qos": 1}]}
+    m5_topic = {"topic": "m/acme/#", "qos": 1, "no_local": False, "rap": False, "retain_handling": "send_retain"}
+    go_acl = {"username": "ghost", "clientid": "g", "topic": "m/acme/c/telemetry", "acc": 2}
+    cases: list[tuple[Any, Any]] = [
+        (emqx(client, "/emqx/authn", ghost), {"result": "deny", "reason": "unknown_subject"}),
+        (
+            emqx(client, "/emqx/authz", {**ghost, "topic": "m/acme/c/telemetry", "action": "subscribe"}),
+            {"result": "deny", "reason": "unknown_subject"},
+        ),
+        (
+            vernemq(client, "auth_on_register", {**REGISTER, "username": "ghost"}),
+            ({"result": {"error": "unknown_subject"}}, None),
+        ),
+        (vernemq(client, "auth_on_publish", publish), ({"result": {"error": "unknown_subject"}}, None)),
+        (
+            vernemq(client, "auth_on_subscribe", subscribe),
+            ({"result": "ok", "topics": [{"topic": "m/acme/#", "qos": 128}]}, None),
+        ),
+        (
+            vernemq(client, "auth_on_subscribe_m5", {**subscribe, "topics": [m5_topic], "properties": {}}),
+            ({"result": "ok", "modifiers": {"topics": [{**m5_topic, "qos": 135}]}}, None),
+        ),
+        (go_auth(client, "user", {"username": "ghost", "password": GOOD_SECRET, "clientid": "g"}), (403, "")),
+        (go_auth(client, "acl", go_acl), (403, "")),
+        (go_auth(client, "acl", {**go_acl, "acc": 4, "topic": "m/acme/#"}), (403, "")),
+        (rabbit(client, "user", f"username=ghost&password={GOOD_SECRET}&vhost=%2F&client_id=g"), "deny"),
+        (rabbit(client, "vhost", "username=ghost&vhost=%2F&ip=127.0.0.1&tags=&client_id=g"), "deny"),
+        (
+            rabbit(
+                client,
+                "resource",
+                "username=ghost&vhost=%2F&tags=&client_id=g&resource=queue"
+                "&name=mqtt-subscription-gqos1&permission=read",
+            ),
+            "deny",
+        ),
+        (rabbit(client, "topic", topic_form("ghost")), "deny"),
+        (rabbit(client, "topic", topic_form("ghost", "read", "m.acme.%23")), "deny"),
+    ]
+    for number, (call, expected) in enumerate(cases):
+        assert await call == expected, number
+        event = last_event(demo)
+        assert (event["allowed"], event["reason"], event["username"]) == (False, "unknown_subject", "ghost"), number
+
+
+async def test_go_auth_superuser_is_always_a_deny(client: Client, demo: PDP) -> None:
+    """Kept for operators who still set http_superuser_uri: authhook has no superusers."""
+    for username in ("acme-thermo-1", "ghost"):
+        assert await go_auth(client, "superuser", {"username": username}) == (403, "")
+        assert (last_event(demo)["reason"], last_event(demo)["username"]) == ("not_superuser", username)
+
+
+async def test_vernemq_a_subscription_entry_too_deep_to_echo_is_a_deny(client: Client, demo: PDP) -> None:
+    """orjson reads 1024 levels but writes 254: an entry between the two must not turn into a 500."""
+    deep: Any = 0
+    for _ in range(400):
+        deep = [deep]
+    topics = [{"topic": "m/acme/c/telemetry/#", "qos": 1, "x": deep}, {"topic": "m/globex/c/telemetry/#", "qos": 0}]
+    body = {"username": "acme-dashboard", "mountpoint": "", "client_id": "dash", "topics": topics}
+    response = await client.post(
+        "/vernemq",
+        data=json.dumps(body),
+        headers={**AUTH, "content-type": JSON_CT, "vernemq-hook": "auth_on_subscribe"},
+    )
+    assert (response.status, await response.json()) == VERNE_DENY
+    assert (last_event(demo)["reason"], last_event(demo)["action"]) == ("malformed_request", "subscribe")
+
+
+# -- a malformed request is logged under the action it asked about ------------------------------------
+
+
+async def test_malformed_subscribes_are_logged_as_subscribes(client: Client, demo: PDP) -> None:
+    emqx_sub = {"username": "acme-dashboard", "topic": "m/acme/c/telemetry/#", "action": "subscribe", "qos": "7"}
+    assert await emqx(client, "/emqx/authz", emqx_sub) == {"result": "deny", "reason": "malformed_request"}
+    assert last_event(demo)["action"] == "subscribe"
+    assert await emqx(client, "/emqx/authz", {"username": "a", "topic": "", "access": "1"}) == EMQX_DENY[1]
+    assert last_event(demo)["action"] == "subscribe"
+    assert await emqx(client, "/emqx/authz", {"username": "a", "topic": "t", "action": "all"}) == EMQX_DENY[1]
+    assert last_event(demo)["action"] == "publish"  # the action itself is unreadable: filed as a publish
+    assert await rabbit(client, "topic", topic_form("acme-dashboard", "read").replace("amq.topic", "other")) == "deny"
+    assert last_event(demo)["action"] == "subscribe"
+    assert await rabbit(client, "topic", topic_form("acme-dashboard", "read").replace("routing_key=", "x=")) == "deny"
+    assert last_event(demo)["action"] == "subscribe"
+    go_sub = {"username": "acme-#", "clientid": "d", "topic": "m/acme/c/telemetry/#", "acc": 4}
+    assert (await go_auth(client, "acl", go_sub))[0] == 400
+    assert last_event(demo)["action"] == "subscribe"
+
+
+# -- EMQX session ACL expiry ---------------------------------------------------------------------------
+
+
+async def test_emqx_acl_carries_expire_at(make_client: MakeClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    from authhook.brokers import emqx as emqx_adapter
+
+    monkeypatch.setattr(emqx_adapter, "wall_clock", lambda: 1_767_225_600.75)
+    body = {"username": "acme-gateway", "password": "acme-gateway-demo-secret", "clientid": "c", "peerhost": ""}
+    default, short = await make_client(emqx_return_acl=True), await make_client(emqx_return_acl=True, emqx_acl_ttl_s=30)
+    rules = [
+        {"permission": "allow", "action": "publish", "topics": ["m/acme/c/telemetry/#"]},
+        {"permission": "allow", "action": "subscribe", "topics": ["m/acme/c/alarms/#", "m/acme/c/telemetry/#"]},
+        {"permission": "deny", "action": "all", "topic": "#"},
+    ]
+    answer = await emqx(default, "/emqx/authn", body)
+    assert answer == {"result": "allow", "is_superuser": False, "expire_at": 1_767_225_900, "acl": rules}
+    assert isinstance(answer["expire_at"], int)  # EMQX fails authentication on a non-integer
+    assert (await emqx(short, "/emqx/authn", body))["expire_at"] == 1_767_225_630
+    # no ACL, no expiry: without the option (or on a deny) EMQX asks per request and nothing needs expiring
+    plain = await make_client()
+    assert await emqx(plain, "/emqx/authn", body) == {"result": "allow", "is_superuser": False}
+    denied = await emqx(default, "/emqx/authn", {**body, "password": "not-the-gateway-secret"})
+    assert denied == {"result": "deny", "reason": "bad_credentials"}
+
+
+def test_broker_settings_defaults_and_bounds() -> None:
+    from pydantic import ValidationError
+
+    defaults = BrokerSettings()
+    assert (defaults.rabbitmq_vhost, defaults.emqx_acl_ttl_s) == ("/", 300)
+    for bad in ({"emqx_acl_ttl_s": 0}, {"emqx_acl_ttl_s": 10**10}, {"rabbitmq_vhost": ""}):
+        with pytest.raises(ValidationError):
+            BrokerSettings(**bad)  # type: ignore[arg-type]
+
+
+async def test_the_translation_memo_keys_on_the_content_type_too(client: Client) -> None:
+    """The same bytes sent as a form and as JSON are two different requests, whichever comes first."""
+    raw = "username=acme-thermo-1&clientid=s&topic=m%2Facme%2Fc%2Ftelemetry%2Ft&action=publish"
+    for _ in range(2):
+        for content_type, expected in ((FORM_CT, {"result": "allow"}), (JSON_CT, EMQX_DENY[1])):
+            response = await client.post("/emqx/authz", data=raw, headers={**AUTH, "content-type": content_type})
+            assert await response.json() == expected

@@ -9,7 +9,9 @@ decision log to prove the refusals came from authhook (and for the reason we exp
 itself.
 
 The node is run through the Debian wrapper, which switches to the ``rabbitmq`` user, so the test needs
-root (or ``rabbitmq``) and is skipped when RabbitMQ is not installed.
+root (or ``rabbitmq``). Where RabbitMQ, that user or paho-mqtt is missing it is skipped on a developer's
+machine, but it *fails* when the ``CI`` environment variable is set (``.ci/run`` runs with ``CI=true``): in
+CI a silent skip would hide that the only test against a real broker never ran.
 """
 
 from __future__ import annotations
@@ -29,14 +31,17 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-mqtt = pytest.importorskip("paho.mqtt.client", reason="paho-mqtt is needed for the RabbitMQ end-to-end test")
+try:
+    import paho.mqtt.client as mqtt
+except ImportError:  # reported by the fixture: a skip here, a failure in CI
+    mqtt = None
 
 RABBITMQ_SERVER = Path("/usr/sbin/rabbitmq-server")
 RABBITMQCTL = Path("/usr/sbin/rabbitmqctl")
@@ -82,6 +87,8 @@ tenants:
 
 def _skip_reason() -> str | None:
     """Why this machine cannot run a private node, or None; only a missing install (or user) is a skip."""
+    if mqtt is None:
+        return "paho-mqtt is needed for the RabbitMQ end-to-end test"
     if not RABBITMQ_SERVER.exists() or not RABBITMQCTL.exists():
         return "rabbitmq-server is not installed"
     try:
@@ -91,6 +98,20 @@ def _skip_reason() -> str | None:
     if os.geteuid() != 0 and pwd.getpwuid(os.geteuid()).pw_name != "rabbitmq":
         return "the Debian rabbitmq-server wrapper only runs as root or rabbitmq"
     return None
+
+
+def in_ci(env: Mapping[str, str]) -> bool:
+    """``CI`` set to anything but an explicit no (GitHub, GitLab and ``.ci/run`` all set ``CI=true``)."""
+    return env.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def require_prerequisites(reason: str | None, env: Mapping[str, str]) -> None:
+    """Skip for a missing prerequisite on a developer's machine; fail in CI, where it must run."""
+    if reason is None:
+        return
+    if in_ci(env):
+        pytest.fail(f"CI is set, so the RabbitMQ end-to-end test must run, but: {reason}", pytrace=False)
+    pytest.skip(reason)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -197,9 +218,7 @@ def _read_line(proc: subprocess.Popen[str], timeout: float) -> str:
 @pytest.fixture
 def authhook(tmp_path: Path) -> Iterator[Authhook]:
     """A running ``authhook serve`` on a fresh SQLite store holding the two-tenant world."""
-    reason = _skip_reason()
-    if reason:
-        pytest.skip(reason)
+    require_prerequisites(_skip_reason(), os.environ)
     db = tmp_path / "e2e.db"
     token = secrets.token_urlsafe(24)
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTHHOOK_")}
@@ -274,7 +293,7 @@ def _rabbit_config(authhook: Authhook, mqtt_port: int, amqp_port: int) -> str:
             f"auth_http.{kind}_path = {authhook.url}/rabbitmq/{kind}?token={authhook.token}"
             for kind in ("user", "vhost", "resource", "topic")
         ),
-        f"listeners.tcp.default = 127.0.0.1:{amqp_port}",
+        "listeners.tcp = none",  # as plugins/rabbitmq/rabbitmq.conf: MQTT only, no AMQP port to reach around us
         f"mqtt.listeners.tcp.default = 127.0.0.1:{mqtt_port}",
         "mqtt.allow_anonymous = false",
         "loopback_users = none",
@@ -502,6 +521,17 @@ def _wait_for_decision(hook: Authhook, predicate: Any, what: str, node: RabbitNo
         time.sleep(0.3)
 
 
+@pytest.mark.parametrize(
+    ("env", "fails"),
+    [({}, False), ({"CI": "true"}, True), ({"CI": "1"}, True), ({"CI": "false"}, False), ({"CI": ""}, False)],
+)
+def test_a_missing_prerequisite_skips_locally_but_fails_in_ci(env: dict[str, str], fails: bool) -> None:
+    outcome = pytest.fail.Exception if fails else pytest.skip.Exception
+    with pytest.raises(outcome, match="rabbitmq-server is not installed"):
+        require_prerequisites("rabbitmq-server is not installed", env)
+    require_prerequisites(None, {"CI": "true"})  # nothing missing: the test runs
+
+
 def test_rabbitmq_enforces_authhook_decisions_end_to_end(authhook: Authhook, rabbit: RabbitNode) -> None:
     """Connect, deliver, refuse a bad secret, refuse cross-tenant publish/subscribe, and honour a revoke."""
     port = rabbit.mqtt_port
@@ -512,6 +542,12 @@ def test_rabbitmq_enforces_authhook_decisions_end_to_end(authhook: Authhook, rab
         """What the broker asked and what authhook answered, for any failing assertion below."""
         shown = "\n".join(json.dumps(e) for e in authhook.decisions()[-30:])
         return f"decisions:\n{shown}\nRabbitMQ log:\n{rabbit.logs()}"
+
+    # 0. MQTT only, as plugins/rabbitmq/rabbitmq.conf: no AMQP listener through which a client could open
+    # another client's subscription queue.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        assert sock.connect_ex(("127.0.0.1", rabbit.amqp_port)) != 0, "the AMQP listener is open"
 
     with devices(port) as connect:
         # 1. Right secret: connect, publish on its own channel, and a subscriber of that channel gets it.
@@ -578,3 +614,8 @@ def test_rabbitmq_enforces_authhook_decisions_end_to_end(authhook: Authhook, rab
     assert any(e["allowed"] and e.get("action") == "publish" and e.get("topic") == acme_topic for e in events), (
         "the allowed publish is not in the log"
     )
+    # The subscriber's own queue was granted by client id (RabbitMQ sends `client_id` on /resource).
+    assert any(e["hook"] == "resource" and e["allowed"] and e.get("client_id") == "acme-sub-1" for e in events), (
+        "no /resource grant for the subscriber's own queue"
+    )
+    assert not any(e["hook"] == "resource" and not e["allowed"] for e in events), "MQTT plumbing was refused"

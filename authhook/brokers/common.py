@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import hmac
-import json
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from urllib.parse import parse_qsl
 
 import orjson
-from aiohttp import web
+from aiohttp import hdrs, web
 from cachetools import LRUCache
 
 from authhook.config import Settings
-from authhook.models import Decision
+from authhook.models import Action, Decision, Reason, Subject
+
+if TYPE_CHECKING:
+    from authhook.pdp import PDP
 
 BROKER_PREFIXES = ("/emqx/", "/vernemq", "/mosquitto-go-auth/", "/rabbitmq/", "/v1/")
 MAX_BODY_KEY = web.AppKey("max_body", int)
@@ -22,7 +24,23 @@ T = TypeVar("T")
 
 
 class Malformed(Exception):
-    """The broker's request could not be read; adapters answer it as a deny in the broker's terms."""
+    """The broker's request could not be read; adapters answer it as a deny in the broker's terms.
+
+    ``action`` is what the request asked about when that was readable before the fault, so the decision
+    log files a bad SUBSCRIBE as a subscribe; ``reason`` lets a translator name a sharper code than
+    ``malformed_request`` (an unusable topic is ``invalid_topic``).
+    """
+
+    def __init__(self, detail: str, *, action: Action | None = None, reason: Reason = Reason.MALFORMED_REQUEST) -> None:
+        super().__init__(detail)
+        self.action = action
+        self.reason = reason
+
+    def about(self, action: Action) -> Malformed:
+        """This fault, filed under ``action`` unless the raiser already knew better."""
+        if self.action is None:
+            self.action = action
+        return self
 
 
 def webhook_token_check(settings: Settings) -> Callable[[web.Request], bool]:
@@ -63,8 +81,11 @@ def parse_fields(method: str, content_type: str, raw: bytes) -> dict[str, Any]:
         except (UnicodeDecodeError, ValueError):
             raise Malformed("form body is not valid") from None
     try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        # orjson, not the json module: it bounds nesting (1024 levels, no RecursionError), rejects lone
+        # surrogates (which could not be encoded back into an answer or a log line) and refuses numbers no
+        # double holds instead of building 5000-digit ints. Every refusal is a JSONDecodeError.
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
         raise Malformed("body is not valid json") from None
     if not isinstance(data, dict):
         raise Malformed("body is not a json object")
@@ -91,18 +112,26 @@ class TranslationMemo(Generic[T]):
 
     async def __call__(self, request: web.Request) -> T:
         raw = await read_raw(request)
-        key = (request.method, request.content_type, raw)
+        # The raw header, not ``request.content_type``, which parses it again on every request (~2.5 µs of
+        # a ~130 µs hit); equal raw headers parse equally, so the key is just as exact.
+        key = (request.method, request.headers.get(hdrs.CONTENT_TYPE, ""), raw)
         try:
             return self._memo[key]
         except KeyError:
             pass
-        try:
-            translated = self._translate(parse_fields(request.method, request.content_type, raw))
-        except ValueError as exc:  # a pydantic rule the translator did not check first: still the broker's deny
-            raise Malformed(str(exc).splitlines()[0]) from None
+        translated = translate_fields(self._translate, parse_fields(request.method, request.content_type, raw))
         if len(raw) <= MAX_MEMO_BODY:
             self._memo[key] = translated
         return translated
+
+
+def translate_fields(translate: Callable[[dict[str, Any]], T], data: dict[str, Any]) -> T:
+    """``translate(data)``, with a model rule the translator did not check first turned into ``Malformed``:
+    whatever the broker sent, the answer is its deny, never a 500."""
+    try:
+        return translate(data)
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        raise Malformed(str(exc).splitlines()[0]) from None
 
 
 def text(data: dict[str, Any], key: str, *, required: bool = False) -> str | None:
@@ -115,6 +144,17 @@ def text(data: dict[str, Any], key: str, *, required: bool = False) -> str | Non
     if not isinstance(value, str):
         raise Malformed(f"`{key}` must be a string")
     return value
+
+
+def refuse(
+    pdp: PDP, exc: Malformed, action: Action, *, broker: str, hook: str, subject: Subject | None = None
+) -> Decision:
+    """Log and return the deny for unreadable input; ``action`` is the hook's default when the request did
+    not get far enough to say what it asked, ``subject`` who asked when that much was readable."""
+    username, client_id = (subject.username, subject.client_id) if subject is not None else (None, None)
+    return pdp.refuse(
+        exc.action or action, exc.reason, str(exc), broker=broker, hook=hook, username=username, client_id=client_id
+    )
 
 
 def failed_open(decision: Decision, settings: Settings) -> bool:

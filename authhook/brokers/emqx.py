@@ -3,23 +3,29 @@
 EMQX renders every template variable as a string (``"qos":"1"``, ``"retain":"false"``) and treats any
 non-200 answer as "ignore", so a malformed request is answered 200 ``deny`` with a reason, never a 4xx
 that would let the chain fall through. ``ignore`` is only sent for failures when configured.
+
+With ``brokers.emqx_return_acl`` a successful CONNECT also carries the session's ACL and an ``expire_at``
+(``brokers.emqx_acl_ttl_s`` from now): EMQX disconnects the client at that moment, so a revoke reaches a live
+session within the TTL instead of waiting for the client to reconnect on its own.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from aiohttp import web
 
-from authhook.brokers.common import Malformed, TranslationMemo, failed_open, json_answer, read_fields, text
+from authhook.brokers.common import Malformed, TranslationMemo, failed_open, json_answer, read_fields, refuse, text
 from authhook.config import Settings
 from authhook.evaluators.base import Grants
-from authhook.models import Action, AuthzRequest, Decision, Reason, Subject
+from authhook.models import Action, AuthzRequest, Decision, Subject
 from authhook.pdp import PDP
 from authhook.topics import TopicTemplate
 
 BROKER = "emqx"
 _ACCESS = {"1": Action.SUBSCRIBE, "2": Action.PUBLISH}  # EMQX 4 compatible `${access}`
+wall_clock = time.time  # the source of `expire_at`; a module attribute so tests can pin it
 
 
 # -- translate (pure) ---------------------------------------------------------------------------------
@@ -30,30 +36,37 @@ def authn_credentials(data: dict[str, Any]) -> tuple[str | None, str | None, str
     return text(data, "username"), text(data, "password"), text(data, "clientid"), text(data, "peerhost")
 
 
-def authz_request(data: dict[str, Any]) -> AuthzRequest:
+def authz_action(data: dict[str, Any]) -> Action:
+    """``${action}``, or EMQX 4's ``${access}`` when the template sends that instead."""
     action_text = text(data, "action")
     if action_text in ("publish", "subscribe"):
-        action = Action(action_text)
-    elif action_text is None and text(data, "access") in _ACCESS:
-        action = _ACCESS[str(data["access"])]
-    else:
-        raise Malformed("`action` must be publish or subscribe")
-    qos_text = text(data, "qos")
-    if qos_text is not None and qos_text not in ("0", "1", "2"):
-        raise Malformed("`qos` must be 0, 1 or 2")
+        return Action(action_text)
+    if action_text is None and text(data, "access") in _ACCESS:
+        return _ACCESS[str(data["access"])]
+    raise Malformed("`action` must be publish or subscribe")
+
+
+def authz_request(data: dict[str, Any]) -> AuthzRequest:
+    action = authz_action(data)
     try:
-        subject = Subject(
-            username=text(data, "username"), client_id=text(data, "clientid"), peer=text(data, "peerhost")
+        qos_text = text(data, "qos")
+        if qos_text is not None and qos_text not in ("0", "1", "2"):
+            raise Malformed("`qos` must be 0, 1 or 2")
+        try:
+            subject = Subject(
+                username=text(data, "username"), client_id=text(data, "clientid"), peer=text(data, "peerhost")
+            )
+        except ValueError:
+            raise Malformed("username or clientid contains `+`, `#`, `/` or NUL") from None
+        return AuthzRequest(
+            subject=subject,
+            action=action,
+            topic=text(data, "topic", required=True),
+            qos=int(qos_text) if qos_text is not None else None,
+            retain=text(data, "retain") == "true",
         )
-    except ValueError:
-        raise Malformed("username or clientid contains `+`, `#`, `/` or NUL") from None
-    return AuthzRequest(
-        subject=subject,
-        action=action,
-        topic=text(data, "topic", required=True),
-        qos=int(qos_text) if qos_text is not None else None,
-        retain=text(data, "retain") == "true",
-    )
+    except Malformed as exc:  # the action is known by now: log a bad SUBSCRIBE as a subscribe
+        raise exc.about(action) from None
 
 
 def acl_rules(grants: Grants, template: TopicTemplate) -> list[dict[str, Any]]:
@@ -74,6 +87,11 @@ def acl_rules(grants: Grants, template: TopicTemplate) -> list[dict[str, Any]]:
     return rules
 
 
+def expire_at(settings: Settings) -> int:
+    """Unix seconds at which EMQX drops the session and its ACL (the client reconnects and is asked again)."""
+    return int(wall_clock()) + settings.brokers.emqx_acl_ttl_s
+
+
 def answer(decision: Decision, settings: Settings, *, authn: bool) -> dict[str, Any]:
     if decision.allowed:
         return {"result": "allow", "is_superuser": False} if authn else {"result": "allow"}
@@ -91,7 +109,7 @@ def add_routes(app: web.Application, pdp: PDP, settings: Settings) -> None:
             data = await read_fields(request)
             username, password, clientid, peer = authn_credentials(data)
         except Malformed as exc:
-            decision = pdp.refuse(Action.CONNECT, Reason.MALFORMED_REQUEST, str(exc), broker=BROKER, hook="authn")
+            decision = refuse(pdp, exc, Action.CONNECT, broker=BROKER, hook="authn")
         else:
             decision = await pdp.authenticate(
                 username, password, client_id=clientid, peer=peer, broker=BROKER, hook="authn"
@@ -100,7 +118,11 @@ def add_routes(app: web.Application, pdp: PDP, settings: Settings) -> None:
                 grants = await pdp.grants(username)
                 if grants is not None:  # without a complete list, EMQX keeps asking per PUBLISH/SUBSCRIBE
                     return json_answer(
-                        {**answer(decision, settings, authn=True), "acl": acl_rules(grants, pdp.template)}
+                        {
+                            **answer(decision, settings, authn=True),
+                            "expire_at": expire_at(settings),
+                            "acl": acl_rules(grants, pdp.template),
+                        }
                     )
         return json_answer(answer(decision, settings, authn=True))
 
@@ -110,7 +132,7 @@ def add_routes(app: web.Application, pdp: PDP, settings: Settings) -> None:
         try:
             authz_req = await translate_authz(request)
         except Malformed as exc:
-            decision = pdp.refuse(Action.PUBLISH, Reason.MALFORMED_REQUEST, str(exc), broker=BROKER, hook="authz")
+            decision = refuse(pdp, exc, Action.PUBLISH, broker=BROKER, hook="authz")
         else:
             decision = await pdp.authorize(authz_req, broker=BROKER, hook="authz")
         return json_answer(answer(decision, settings, authn=False))

@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from authhook.brokers.common import Malformed, TranslationMemo, read_fields, text
+from authhook.brokers.common import Malformed, TranslationMemo, read_fields, refuse, text
 from authhook.config import Settings
 from authhook.models import Action, AuthzRequest, Decision, Reason, Subject
 from authhook.pdp import PDP
@@ -44,12 +44,16 @@ def acl_requests(data: dict[str, Any]) -> list[AuthzRequest]:
         acc = None
     if acc not in _ACC_ACTIONS:
         raise Malformed("`acc` must be 1, 2, 3 or 4")
+    actions = _ACC_ACTIONS[acc]
     try:
-        subject = Subject(username=text(data, "username"), client_id=text(data, "clientid"))
-    except ValueError:
-        raise Malformed("username or clientid contains `+`, `#`, `/` or NUL") from None
-    topic = text(data, "topic", required=True)
-    return [AuthzRequest(subject=subject, action=action, topic=topic) for action in _ACC_ACTIONS[acc]]
+        try:
+            subject = Subject(username=text(data, "username"), client_id=text(data, "clientid"))
+        except ValueError:
+            raise Malformed("username or clientid contains `+`, `#`, `/` or NUL") from None
+        topic = text(data, "topic", required=True)
+    except Malformed as exc:  # `acc` said what was asked: log it under that action
+        raise exc.about(actions[-1]) from None
+    return [AuthzRequest(subject=subject, action=action, topic=topic) for action in actions]
 
 
 def answer(decision: Decision, mode: str) -> web.Response:
@@ -72,7 +76,7 @@ def add_routes(app: web.Application, pdp: PDP, settings: Settings) -> None:
     mode = settings.brokers.mosquitto_response_mode
 
     def malformed(action: Action, exc: Malformed, hook: str) -> web.Response:
-        decision = pdp.refuse(action, Reason.MALFORMED_REQUEST, str(exc), broker=BROKER, hook=hook)
+        decision = refuse(pdp, exc, action, broker=BROKER, hook=hook)
         # 400 is a clean deny in every response mode (non-2xx below 500).
         return web.json_response({"ok": False, "error": decision.reason.value}, status=400)
 

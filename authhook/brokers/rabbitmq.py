@@ -1,11 +1,18 @@
 """RabbitMQ ``rabbitmq_auth_backend_http`` as used by its MQTT plugin: ``/rabbitmq/user``, ``/vhost``,
 ``/resource``, ``/topic`` (POST form or GET query; answers are the bare words ``allow`` / ``deny``).
 
-The MQTT plugin turns an MQTT topic into an AMQP routing key by swapping ``/`` and ``.`` and mapping
-``+`` to ``*``; ``/topic`` converts it back, so policies see the MQTT topic the client used. ``/vhost`` and
-``/resource`` are RabbitMQ plumbing under every MQTT session (the ``amq.topic`` exchange, the
-``mqtt-subscription-*`` queues): they are allowed exactly when the subject may connect; any other
-resource is denied. The real question is asked on ``/topic``: ``write`` is a publish, ``read`` a
+The MQTT plugin turns an MQTT topic into an AMQP routing key by mapping ``/`` to ``.`` and ``+`` to ``*``
+(``#`` stays). ``/topic`` maps it back (``.`` to ``/``, ``*`` to ``+``), so policies see a topic whose levels
+are exactly the words RabbitMQ routes on. A ``.`` inside an MQTT level therefore becomes a level separator:
+the plugin makes ``a.b/c`` and ``a/b/c`` the same routing key, and authhook judges both as ``a/b/c``, which
+is what RabbitMQ will deliver. Tenant and channel ids containing ``.`` cannot be addressed through RabbitMQ
+(see plugins/rabbitmq/README.md). A routing key holding ``/`` did not come from the MQTT plugin (it never
+sends one) and is refused, so the reverse mapping is exact on everything it accepts.
+
+``/vhost`` and ``/resource`` are RabbitMQ plumbing under every MQTT session: the configured vhost, the
+configured exchange and the caller's *own* subscription queues ``mqtt-subscription-<client_id>qos0|1``.
+They are allowed exactly when the subject may connect; any other vhost or resource (another client's
+queue included) is denied. The real question is asked on ``/topic``: ``write`` is a publish, ``read`` a
 subscribe.
 """
 
@@ -15,21 +22,33 @@ from typing import Any
 
 from aiohttp import web
 
-from authhook.brokers.common import Malformed, TranslationMemo, read_fields, text
+from authhook.brokers.common import Malformed, TranslationMemo, read_fields, refuse, text
 from authhook.config import Settings
 from authhook.models import Action, AuthzRequest, Reason, Subject
 from authhook.pdp import PDP
 
 BROKER = "rabbitmq"
 SUBSCRIPTION_QUEUE_PREFIX = "mqtt-subscription-"
-_TO_MQTT = str.maketrans({".": "/", "/": ".", "*": "+"})
+SUBSCRIPTION_QUEUE_SUFFIXES = ("qos0", "qos1")
+_TO_MQTT = str.maketrans({".": "/", "*": "+"})
+_PERMISSION_ACTIONS = {"write": Action.PUBLISH, "read": Action.SUBSCRIBE}
 
 
 # -- translate (pure) ---------------------------------------------------------------------------------
 
 
 def mqtt_topic(routing_key: str) -> str:
-    """The MQTT topic (or filter) a routing key came from: ``m.acme.c.ch.*`` -> ``m/acme/c/ch/+``."""
+    """The MQTT topic (or filter) a routing key stands for: ``m.acme.c.ch.*`` -> ``m/acme/c/ch/+``.
+
+    The inverse of the MQTT plugin's ``/`` -> ``.``, ``+`` -> ``*``. A key with a ``/`` is refused
+    (``invalid_topic``): the plugin never produces one, and letting it through would make two different
+    keys judge as one topic.
+    """
+    if "/" in routing_key:
+        raise Malformed(
+            f"routing key {routing_key[:60]!r} contains '/', which RabbitMQ's MQTT plugin never sends",
+            reason=Reason.INVALID_TOPIC,
+        )
     return routing_key.translate(_TO_MQTT)
 
 
@@ -41,23 +60,49 @@ def subject_of(data: dict[str, Any]) -> Subject:
         raise Malformed("username or client_id contains `+`, `#`, `/` or NUL") from None
 
 
-def is_mqtt_plumbing(data: dict[str, Any], exchange: str) -> bool:
+def check_vhost(data: dict[str, Any], vhost: str) -> None:
+    """Only the configured vhost is MQTT's; a client naming another (``vhost:user`` logins) is refused."""
+    asked = text(data, "vhost", required=True)
+    if asked != vhost:
+        raise Malformed(
+            f"vhost {asked!r} is not the configured brokers.rabbitmq_vhost {vhost!r}", reason=Reason.OUTSIDE_NAMESPACE
+        )
+
+
+def own_queues(client_id: str | None) -> frozenset[str]:
+    """The subscription queues RabbitMQ's MQTT plugin declares for this client id (one per QoS)."""
+    if client_id is None:
+        raise Malformed("`client_id` is missing: a subscription queue cannot be tied to its owner")
+    return frozenset(f"{SUBSCRIPTION_QUEUE_PREFIX}{client_id}{suffix}" for suffix in SUBSCRIPTION_QUEUE_SUFFIXES)
+
+
+def check_plumbing(data: dict[str, Any], subject: Subject, exchange: str) -> None:
+    """The resource is the MQTT exchange (``read`` to bind, ``write`` to publish: the plugin asks nothing
+    else of it), or one of the caller's own subscription queues; else ``Malformed``.
+
+    Another client's queue is refused even for a subject of the same tenant: with ``configure`` or
+    ``read`` on it, one could delete it or drain the messages meant for that client.
+    """
     resource, name = text(data, "resource"), text(data, "name") or ""
-    if resource == "exchange":
-        return name == exchange
-    return resource == "queue" and name.startswith(SUBSCRIPTION_QUEUE_PREFIX)
+    if resource == "exchange" and name == exchange and text(data, "permission") in ("read", "write"):
+        return
+    if resource == "queue" and name in own_queues(subject.client_id):
+        return
+    raise Malformed(f"resource `{resource}` `{name[:80]}` is not this client's MQTT plumbing")
 
 
-def topic_request(data: dict[str, Any], exchange: str) -> AuthzRequest:
-    if text(data, "resource") != "topic" or text(data, "name") != exchange:
-        raise Malformed(f"only topic permissions on the `{exchange}` exchange are answered")
-    permission = text(data, "permission")
-    if permission not in ("write", "read"):
-        raise Malformed("`permission` must be write or read")
-    action = Action.PUBLISH if permission == "write" else Action.SUBSCRIBE
-    return AuthzRequest(
-        subject=subject_of(data), action=action, topic=mqtt_topic(text(data, "routing_key", required=True) or "")
-    )
+def topic_request(data: dict[str, Any], exchange: str, vhost: str) -> AuthzRequest:
+    action = _PERMISSION_ACTIONS.get(text(data, "permission") or "")
+    try:
+        if action is None:
+            raise Malformed("`permission` must be write or read")
+        if text(data, "resource") != "topic" or text(data, "name") != exchange:
+            raise Malformed(f"only topic permissions on the `{exchange}` exchange are answered")
+        check_vhost(data, vhost)
+        topic = mqtt_topic(text(data, "routing_key", required=True) or "")
+        return AuthzRequest(subject=subject_of(data), action=action, topic=topic)
+    except Malformed as exc:  # once `permission` is read, log a bad SUBSCRIBE as a subscribe
+        raise (exc.about(action) if action is not None else exc) from None
 
 
 def word(allowed: bool) -> web.Response:
@@ -69,10 +114,10 @@ def word(allowed: bool) -> web.Response:
 
 
 def add_routes(app: web.Application, pdp: PDP, settings: Settings) -> None:
-    exchange = settings.brokers.rabbitmq_exchange
+    exchange, vhost = settings.brokers.rabbitmq_exchange, settings.brokers.rabbitmq_vhost
 
-    def malformed(action: Action, exc: Malformed, hook: str) -> web.Response:
-        pdp.refuse(action, Reason.MALFORMED_REQUEST, str(exc), broker=BROKER, hook=hook)
+    def malformed(action: Action, exc: Malformed, hook: str, subject: Subject | None = None) -> web.Response:
+        refuse(pdp, exc, action, broker=BROKER, hook=hook, subject=subject)
         return word(False)
 
     async def user(request: web.Request) -> web.Response:
@@ -88,23 +133,25 @@ def add_routes(app: web.Application, pdp: PDP, settings: Settings) -> None:
         return word(decision.allowed)
 
     async def may_connect(request: web.Request, hook: str) -> web.Response:
+        subject = None
         try:
             data = await read_fields(request)
             subject = subject_of(data)
-            if hook == "resource" and not is_mqtt_plumbing(data, exchange):
-                raise Malformed(f"resource `{text(data, 'resource')}` `{text(data, 'name')}` is not MQTT plumbing")
-        except Malformed as exc:
-            return malformed(Action.CONNECT, exc, hook)
+            check_vhost(data, vhost)
+            if hook == "resource":
+                check_plumbing(data, subject, exchange)
+        except Malformed as exc:  # logged with who asked, when that much was readable
+            return malformed(Action.CONNECT, exc, hook, subject)
         decision = await pdp.authorize(AuthzRequest(subject=subject, action=Action.CONNECT), broker=BROKER, hook=hook)
         return word(decision.allowed)
 
-    async def vhost(request: web.Request) -> web.Response:
+    async def vhost_check(request: web.Request) -> web.Response:
         return await may_connect(request, "vhost")
 
     async def resource(request: web.Request) -> web.Response:
         return await may_connect(request, "resource")
 
-    translate_topic = TranslationMemo(lambda data: topic_request(data, exchange))
+    translate_topic = TranslationMemo(lambda data: topic_request(data, exchange, vhost))
 
     async def topic(request: web.Request) -> web.Response:
         try:
@@ -114,6 +161,6 @@ def add_routes(app: web.Application, pdp: PDP, settings: Settings) -> None:
         decision = await pdp.authorize(authz, broker=BROKER, hook="topic")
         return word(decision.allowed)
 
-    for path, handler in (("user", user), ("vhost", vhost), ("resource", resource), ("topic", topic)):
+    for path, handler in (("user", user), ("vhost", vhost_check), ("resource", resource), ("topic", topic)):
         app.router.add_post(f"/rabbitmq/{path}", handler)
         app.router.add_get(f"/rabbitmq/{path}", handler)

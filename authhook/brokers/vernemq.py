@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 from aiohttp import web
 
-from authhook.brokers.common import Malformed, failed_open, json_answer, read_fields, text
+from authhook.brokers.common import Malformed, failed_open, json_answer, read_fields, refuse, text, translate_fields
 from authhook.config import Settings
-from authhook.models import Action, AuthzRequest, Decision, Reason, Subject
+from authhook.models import Action, AuthzRequest, Decision, Subject
 from authhook.pdp import PDP
 
 BROKER = "vernemq"
@@ -102,6 +103,9 @@ def add_routes(app: web.Application, pdp: PDP, settings: Settings) -> None:
             response.headers["cache-control"] = f"max-age={max_age}"
         return response
 
+    def refused(exc: Malformed, action: Action, hook: str) -> web.Response:
+        return json_answer(answer(refuse(pdp, exc, action, broker=BROKER, hook=hook), settings))
+
     async def webhook(request: web.Request) -> web.Response:
         hook = request.headers.get("vernemq-hook", "")
         if hook not in REGISTER_HOOKS | PUBLISH_HOOKS | SUBSCRIBE_HOOKS:
@@ -127,13 +131,17 @@ def add_routes(app: web.Application, pdp: PDP, settings: Settings) -> None:
                 )
                 return respond(answer(decision, settings))
             if hook in PUBLISH_HOOKS:
-                decision = await pdp.authorize(publish_request(data), broker=BROKER, hook=hook)
+                decision = await pdp.authorize(translate_fields(publish_request, data), broker=BROKER, hook=hook)
                 return respond(answer(decision, settings))
-            pairs = subscribe_requests(data)
+            pairs = translate_fields(subscribe_requests, data)
         except Malformed as exc:
-            decision = pdp.refuse(action, Reason.MALFORMED_REQUEST, str(exc), broker=BROKER, hook=hook)
-            return json_answer(answer(decision, settings))
+            return refused(exc, action, hook)
         decisions = [await pdp.authorize(req, broker=BROKER, hook=hook) for _, req in pairs]
-        return respond(subscribe_answer(hook, [entry for entry, _ in pairs], decisions, settings))
+        try:
+            # The entries go back as VerneMQ sent them; one it could send but orjson cannot write (nested
+            # deeper than orjson's 254 levels) is the broker's deny, not a 500.
+            return respond(subscribe_answer(hook, [entry for entry, _ in pairs], decisions, settings))
+        except orjson.JSONEncodeError:
+            return refused(Malformed("a subscription entry cannot be echoed back as json"), action, hook)
 
     app.router.add_post("/vernemq", webhook)
