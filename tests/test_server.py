@@ -61,6 +61,10 @@ async def test_authorize_answers_the_decision(client: TestClient) -> None:  # ty
         (b'{"subject": {"username": "d"}, "action": "publish", "qos": 7}', 400, "invalid_request"),
         (b'["a list"]', 400, "invalid_request"),
         (b"x" * 4096, 413, "body_too_large"),
+        (b"[" * 1500, 400, "malformed_body"),
+        (b'{"subject": {"username": "d"}, "action": "publish", "qos": ' + b"9" * 1500 + b"}", 400, "malformed_body"),
+        (b'{"subject": {"username": "d\\ud800"}, "action": "publish"}', 400, "malformed_body"),
+        (b"", 400, "malformed_body"),
     ],
 )
 async def test_bad_input_gets_a_clear_4xx(client: TestClient, body: bytes, status: int, code: str) -> None:  # type: ignore[type-arg]
