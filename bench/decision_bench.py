@@ -91,6 +91,69 @@ async def uncached_cost(settings: Settings, kind: str, requests: list[AuthzReque
     return min(costs)
 
 
+async def cedar_update_cost(pdp: PDP, requests: list[AuthzRequest], rounds: int) -> dict[str, Any]:
+    """What applying one store change to the Cedar evaluator's entities costs, per kind of change.
+
+    Each figure is the first decision after a write to the tenant (which re-reads the tenant from the
+    store and brings its cedarpy ``Entities`` handle up to date) minus a decision without a write: a
+    modification re-parses the tenant's graph, an addition parses only the new entity and adds it to the
+    handle, a write Cedar does not see keeps the handle. Also the two parts of a modification on their own.
+    Best of ``rounds``, each the mean over 20 changes; run last, because it writes to the bench world.
+    """
+    from authhook.evaluators.cedar import CedarEvaluator, read_tenant
+    from authhook.models import Action, Target
+
+    store, request = pdp.store, requests[0]
+    target = pdp.resolve(request)
+    assert isinstance(target, Target) and target.address is not None and target.address.tenant is not None
+    tenant, client = target.address.tenant, request.subject.key
+    assert client is not None
+    evaluator = CedarEvaluator(store)
+    await evaluator.evaluate(request, target)
+    n, sub = 20, frozenset({Action.SUBSCRIBE})
+
+    async def decision_after(write: Callable[[int], Awaitable[Any]] | None) -> float:
+        total = 0.0
+        for i in range(n):
+            if write is not None:
+                await write(i)
+            start = time.perf_counter()
+            await evaluator.evaluate(request, target)
+            total += time.perf_counter() - start
+        return total / n * 1e6
+
+    async def toggle(i: int) -> None:
+        if i % 2:
+            await store.disconnect(tenant, client, "ch-0", sub)
+        else:
+            await store.connect(Connection(tenant=tenant, client=client, channel="ch-0", actions=sub))
+
+    added = iter(range(1_000_000))
+    writes: dict[str, Callable[[int], Awaitable[Any]]] = {
+        "modify_connect_disconnect": toggle,
+        "add_channel": lambda i: store.put_channel(Channel(id=f"bench-{next(added)}", tenant=tenant)),
+        "invisible_rename_channel": lambda i: store.put_channel(Channel(id="ch-1", tenant=tenant, name=f"n{i}")),
+    }
+    best = {name: float("inf") for name in ("decision_without_change", *writes, "store_reread", "cedar_parse")}
+    for _ in range(rounds):
+        steady = await decision_after(None)
+        best["decision_without_change"] = min(best["decision_without_change"], steady)
+        for name, write in writes.items():
+            best[name] = min(best[name], await decision_after(write) - steady)
+        start = time.perf_counter()
+        entities = await read_tenant(store, tenant)
+        best["store_reread"] = min(best["store_reread"], (time.perf_counter() - start) * 1e6)
+        start = time.perf_counter()
+        evaluator.parse(entities)
+        best["cedar_parse"] = min(best["cedar_parse"], (time.perf_counter() - start) * 1e6)
+    counts = evaluator.stats
+    return {
+        **{name: round(value, 1) for name, value in best.items()},
+        "entities_in_tenant": len(entities),
+        "parses": {"full": counts.full_parses, "delta": counts.delta_parses, "kept": counts.unchanged},
+    }
+
+
 async def main(rounds: int) -> dict[str, Any]:
     results: dict[str, Any] = {"python": sys.version.split()[0], "cpus": os.cpu_count()}
     with tempfile.TemporaryDirectory() as tmp:
@@ -150,6 +213,7 @@ async def main(rounds: int) -> dict[str, Any]:
             tracemalloc.stop()
             grown = sum(s.size_diff for s in after.compare_to(before, "filename"))
             per_entry = grown / len(requests)
+            cedar_update = await cedar_update_cost(pdp, requests, rounds)
 
     results.update(
         dict_lookup_us=round(dict_us, 3),
@@ -158,6 +222,7 @@ async def main(rounds: int) -> dict[str, Any]:
         uncached_decision_us=round(uncached_us, 2),
         log_write_us_per_decision=round(log_write_us, 2),
         uncached_decision_us_by_evaluator=per_evaluator,
+        cedar_update_us_per_change=cedar_update,
         cached_vs_dict=round(cached_us / dict_us, 1),
         cache_lookup_vs_dict=round(lookup_us / dict_us, 1),
         uncached_vs_cached=round(uncached_us / cached_us, 1),
