@@ -61,7 +61,14 @@ class EvaluatorSettings(BaseModel):
     opa_mode: Literal["embedded", "remote"] = "embedded"
     opa_url: str | None = Field(default=None, description="OPA server base URL, for opa_mode remote")
     opa_policy: Path | None = Field(default=None, description="Rego file for embedded mode; default: the reference")
-    opa_deadline_s: float = Field(default=0.2, gt=0)
+    opa_deadline_s: float = Field(default=0.2, gt=0, description="remote: the whole call, retries included")
+    opa_retries: int = Field(default=1, ge=0, le=10, description="remote: further attempts after a transport error")
+    opa_breaker_failures: int = Field(
+        default=5, ge=1, description="remote: consecutive failed calls that open the circuit breaker"
+    )
+    opa_breaker_reset_s: float = Field(
+        default=5.0, gt=0, description="remote: how long an open breaker fails fast before one trial call"
+    )
     cedar_policies: Path | None = Field(default=None, description="default: the reference policies")
     cedar_schema: Path | None = None
 

@@ -2,8 +2,9 @@
 
 No OPA binary can be installed here, so this serves ``policy/opa/authhook.rego`` the way ``opa run
 --server`` would for the calls authhook makes: ``{"result": <value>}`` when the document is defined,
-``{}`` when it is undefined, 400 on a body that is not a JSON object, 500 on an evaluation error.
-``FakeOpa`` has knobs to make it slow, fail, or answer undefined, for the breaker tests.
+``{}`` when it is undefined, 400 on a body that is not a JSON object, 500 on an evaluation error; errors
+carry OPA's ``{"code", "message"}`` body. ``FakeOpa`` has knobs to make it slow, hold requests, fail, or
+answer undefined, for the transport and breaker tests.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ class FakeOpa:
         self.delay_s = 0.0  # sleep this long before answering
         self.fail_status: int | None = None  # answer this status (e.g. 500) instead of evaluating
         self.undefined = False  # answer {} (undefined) whatever the policy says
+        self.hold: asyncio.Event | None = None  # when set, each request waits for this event first
         self.requests = 0
+        self.arrived = asyncio.Event()  # set once a request has reached the handler
         self._policy: RegoPolicy | None = None
         self.app = web.Application()
         self.app.router.add_post("/v1/data/{path:.*}", self._data)
@@ -59,10 +62,14 @@ class FakeOpa:
 
     async def _data(self, request: web.Request) -> web.Response:
         self.requests += 1
+        self.arrived.set()
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
+        if self.hold is not None:
+            await self.hold.wait()
         if self.fail_status is not None:
-            return web.json_response({"code": "internal_error", "message": "injected"}, status=self.fail_status)
+            code = "internal_error" if self.fail_status >= 500 else "invalid_parameter"
+            return web.json_response({"code": code, "message": "injected"}, status=self.fail_status)
         path = request.match_info["path"].strip("/")
         if path and not _PATH.match(path):
             return web.json_response({"code": "invalid_parameter", "message": "bad path"}, status=400)

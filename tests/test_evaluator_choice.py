@@ -42,3 +42,38 @@ async def test_each_evaluator_behind_the_same_cache_log_and_explain(tmp_path: Pa
 def test_a_remote_opa_needs_a_url() -> None:
     with pytest.raises(ConfigError, match="opa_url"):
         load_settings(evaluator={"kind": "opa", "opa_mode": "remote"})
+
+
+async def test_remote_opa_settings_reach_the_evaluator(tmp_path: Path) -> None:
+    from authhook.evaluators import build_evaluator
+    from authhook.evaluators.opa import RemoteOpaEvaluator
+
+    evaluator_settings = load_settings(
+        evaluator={
+            "kind": "opa",
+            "opa_mode": "remote",
+            "opa_url": "http://opa.internal:8181/",
+            "opa_deadline_s": 0.5,
+            "opa_retries": 3,
+            "opa_breaker_failures": 7,
+            "opa_breaker_reset_s": 2.5,
+        }
+    ).evaluator
+    settings = settings_for(tmp_path / "e.db", evaluator=evaluator_settings)
+    async with PDP.from_settings(settings) as pdp:
+        evaluator = build_evaluator(evaluator_settings, pdp.store)
+        assert isinstance(evaluator, RemoteOpaEvaluator)
+        assert evaluator.endpoint == "http://opa.internal:8181/v1/data/authhook/mqtt/decision"
+        assert (evaluator.deadline_s, evaluator.retries) == (0.5, 3)
+        assert (evaluator.breaker.failures, evaluator.breaker.reset_s) == (7, 2.5)
+        await evaluator.close()
+        assert isinstance(pdp.evaluator, RemoteOpaEvaluator)  # the PDP wires the same settings
+        assert (pdp.evaluator.retries, pdp.evaluator.breaker.failures) == (3, 7)
+
+
+@pytest.mark.parametrize(
+    "bad", [{"opa_retries": -1}, {"opa_breaker_failures": 0}, {"opa_breaker_reset_s": 0}, {"opa_deadline_s": 0}]
+)
+def test_remote_opa_settings_are_validated(bad: dict[str, float]) -> None:
+    with pytest.raises(ConfigError):
+        load_settings(evaluator={"kind": "opa", "opa_mode": "remote", "opa_url": "http://opa:8181", **bad})

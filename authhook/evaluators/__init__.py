@@ -21,7 +21,14 @@ def build_evaluator(settings: EvaluatorSettings, store: Store) -> PolicyEvaluato
             from authhook.evaluators.opa import RemoteOpaEvaluator
 
             assert settings.opa_url is not None  # checked by the settings model
-            return RemoteOpaEvaluator(store, settings.opa_url, deadline_s=settings.opa_deadline_s)
+            return RemoteOpaEvaluator(
+                store,
+                settings.opa_url,
+                deadline_s=settings.opa_deadline_s,
+                retries=settings.opa_retries,
+                breaker_failures=settings.opa_breaker_failures,
+                breaker_reset_s=settings.opa_breaker_reset_s,
+            )
         from authhook.evaluators.opa import DEFAULT_POLICY_PATH, EmbeddedOpaEvaluator
 
         return EmbeddedOpaEvaluator(store, settings.opa_policy or DEFAULT_POLICY_PATH)
