@@ -71,6 +71,9 @@ class EvaluatorSettings(BaseModel):
     )
     cedar_policies: Path | None = Field(default=None, description="default: the reference policies")
     cedar_schema: Path | None = None
+    cedar_entities: Path | None = Field(
+        default=None, description="a Cedar JSON entities file to decide on instead of the store's model"
+    )
 
     @model_validator(mode="after")
     def _remote_needs_url(self) -> EvaluatorSettings:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,23 @@ async def test_remote_opa_settings_reach_the_evaluator(tmp_path: Path) -> None:
 def test_remote_opa_settings_are_validated(bad: dict[str, float]) -> None:
     with pytest.raises(ConfigError):
         load_settings(evaluator={"kind": "opa", "opa_mode": "remote", "opa_url": "http://opa:8181", **bad})
+
+
+async def test_a_cedar_entities_file_in_settings_reaches_the_evaluator(tmp_path: Path) -> None:
+    from authhook.evaluators.cedar import CedarEvaluator
+
+    # Write the demo world's Cedar graph out through a store-backed evaluator, then decide on the file.
+    async with PDP.from_settings(settings_for(tmp_path / "a.db", evaluator=EvaluatorSettings(kind="cedar"))) as pdp:
+        await import_world(pdp.store, pdp.hasher, load_world(DEMO_WORLD))
+        assert (await pdp.authorize(make_request("connect", "acme-thermo-1"))).allowed
+        assert isinstance(pdp.evaluator, CedarEvaluator)
+        graph = pdp.evaluator.graph("acme")
+        assert graph is not None
+        entities = tmp_path / "entities.json"
+        entities.write_text(json.dumps(list(graph.entities.values())))
+    settings = settings_for(tmp_path / "a.db", evaluator=EvaluatorSettings(kind="cedar", cedar_entities=entities))
+    async with PDP.from_settings(settings) as from_file:
+        assert isinstance(from_file.evaluator, CedarEvaluator)
+        publish = make_request("publish", "acme-thermo-1", "m/acme/c/telemetry/t")
+        assert (await from_file.authorize(publish)).allowed
+        assert from_file.evaluator.stats.reads == 0  # the file decided, not the store

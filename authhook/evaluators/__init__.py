@@ -39,6 +39,7 @@ def build_evaluator(settings: EvaluatorSettings, store: Store) -> PolicyEvaluato
             store,
             policies_path=settings.cedar_policies or DEFAULT_POLICIES,
             schema_path=settings.cedar_schema or DEFAULT_SCHEMA,
+            entities_file=settings.cedar_entities,
         )
     return InHouseEvaluator(store)
 
