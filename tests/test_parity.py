@@ -20,9 +20,9 @@ from authhook.evaluators.cedar import CedarEvaluator
 from authhook.evaluators.inhouse import InHouseEvaluator
 from authhook.evaluators.opa import EmbeddedOpaEvaluator
 from authhook.models import AuthzRequest, Verdict
-from authhook.store.base import Assignment, Block, Channel, Connection, Group, Role, SubjectRecord, Tenant
+from authhook.store.base import Channel, Connection, Group, SubjectRecord, Tenant
 
-from .test_property_isolation import CHANNELS, World, action_sets, build, requests, worlds
+from .test_property_isolation import CHANNELS, World, action_sets, build, put_roles, requests, worlds
 
 
 @pytest.mark.timeout(900)  # 2,000 random worlds, three engines each: minutes, not the 2-minute default
@@ -163,26 +163,7 @@ async def build_rich(world: RichWorld) -> PDP:
                 await store.add_member(tenant, leaf, member)
             for member in parent_members:
                 await store.add_member(tenant, parent, member)
-        for index, (blocks, assignees) in enumerate(world.roles[tenant]):
-            role = Role(
-                id=f"r{index}",
-                tenant=tenant,
-                blocks=tuple(
-                    Block(id=f"b{i}", scope=scope, ref=ref, actions=actions, effect=effect)
-                    for i, (scope, ref, actions, effect) in enumerate(blocks)
-                ),
-            )
-            await store.put_role(role)
-            for assignee in sorted(assignees):
-                group = assignee.startswith("group:")
-                await store.assign(
-                    Assignment(
-                        tenant=tenant,
-                        role=role.id,
-                        assignee_kind="group" if group else "subject",
-                        assignee=assignee.removeprefix("group:"),
-                    )
-                )
+        await put_roles(store, tenant, world.roles[tenant])
     for (client, channel), actions in world.connections.items():
         tenant = client.split("-")[0]
         await store.connect(Connection(tenant=tenant, client=client, channel=channel, actions=actions))

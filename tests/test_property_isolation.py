@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from authhook import PDP, Settings, make_request
-from authhook.store.base import Assignment, Block, Channel, Connection, Group, Role, SubjectRecord, Tenant
+from authhook.store.base import Assignment, Block, Channel, Connection, Group, Role, Store, SubjectRecord, Tenant
 from authhook.topics import topic_matches
 
 TENANTS = ("t0", "t1", "t2")
@@ -144,6 +144,33 @@ def stripped(topic: str) -> str:
     return topic
 
 
+RoleSpec = tuple[list[tuple[str, str | None, frozenset[str], str]], "set[str] | frozenset[str]"]
+
+
+async def put_roles(store: Store, tenant: str, roles: list[RoleSpec]) -> None:
+    """Roles r0, r1, ... with blocks b0, b1, ..., assigned to subjects or to `group:<id>`."""
+    for index, (blocks, assignees) in enumerate(roles):
+        role = Role(
+            id=f"r{index}",
+            tenant=tenant,
+            blocks=tuple(
+                Block(id=f"b{i}", scope=scope, ref=ref, actions=actions, effect=effect)
+                for i, (scope, ref, actions, effect) in enumerate(blocks)
+            ),
+        )
+        await store.put_role(role)
+        for assignee in sorted(assignees):
+            group = assignee.startswith("group:")
+            await store.assign(
+                Assignment(
+                    tenant=tenant,
+                    role=role.id,
+                    assignee_kind="group" if group else "subject",
+                    assignee=assignee.removeprefix("group:"),
+                )
+            )
+
+
 async def build(world: World) -> PDP:
     pdp = PDP.from_settings(Settings(store_url="sqlite://:memory:", secret_key="k" * 64))
     await pdp.open()
@@ -162,26 +189,7 @@ async def build(world: World) -> PDP:
         await store.put_group(Group(id="sg", tenant=tenant, kind="subjects"))
         for subject in world.subject_group[tenant]:
             await store.add_member(tenant, "sg", subject)
-        for index, (blocks, assignees) in enumerate(world.roles[tenant]):
-            role = Role(
-                id=f"r{index}",
-                tenant=tenant,
-                blocks=tuple(
-                    Block(id=f"b{i}", scope=scope, ref=ref, actions=actions, effect=effect)
-                    for i, (scope, ref, actions, effect) in enumerate(blocks)
-                ),
-            )
-            await store.put_role(role)
-            for assignee in assignees:
-                group = assignee.startswith("group:")
-                await store.assign(
-                    Assignment(
-                        tenant=tenant,
-                        role=role.id,
-                        assignee_kind="group" if group else "subject",
-                        assignee=assignee.removeprefix("group:"),
-                    )
-                )
+        await put_roles(store, tenant, world.roles[tenant])
     for (client, channel), actions in world.connections.items():
         tenant = client.split("-")[0]
         await store.connect(Connection(tenant=tenant, client=client, channel=channel, actions=frozenset(actions)))
