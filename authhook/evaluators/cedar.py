@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 import cedarpy
 
 from authhook.errors import EvaluatorUnavailable
+from authhook.evaluators.wording import describe
 from authhook.models import Action, AuthzRequest, Reason, Target, Verdict
 from authhook.policy_files import reference_policy
 from authhook.revision import tenant_slot
@@ -613,7 +614,7 @@ class CedarEvaluator:
             block = _deciding_block(policy, graph, principal, action, resource, overlaps, covers)
             if block is not None:
                 decided_by = f"{decided_by}[{block}]"
-        detail = _detail(reason, block, request, target, key, tenant)
+        detail = describe(reason, block, request, target, key, tenant)
         if trace is not None:
             trace.append(("allow: " if allowed else "deny: ") + detail)
         return Verdict(allowed, reason, detail, NAME, rev, decided_by, tenant)
@@ -655,54 +656,3 @@ def _deciding_block(
         candidates = (b for b in blocks if ("Block", b) in above)
     first = next(iter(candidates), None)
     return block_label(first) if first is not None else None
-
-
-def _detail(reason: Reason, block: str | None, request: AuthzRequest, target: Target, subject: str, tenant: str) -> str:
-    action = request.action.value
-    topic = target.topic
-    address = target.address
-    channel = address.channel if address is not None else None
-    if reason is Reason.CONNECTED:
-        return f"`{subject}` is connected to `{channel}` for {action}"
-    if reason is Reason.NOT_CONNECTED:
-        return f"`{subject}` is not connected to `{channel}` for {action}"
-    by = f" by {block}" if block is not None else ""
-    if reason is Reason.WRONG_TENANT:
-        claimed = request.subject.tenant
-        if claimed is not None and claimed != tenant:
-            return f"broker claims tenant `{claimed}`, subject is in `{tenant}`"
-        owner = address.tenant if address is not None else None
-        return f"`{topic}` belongs to tenant `{owner}`, not `{tenant}`"
-    if reason is Reason.TENANT_DISABLED:
-        return f"tenant `{tenant}` is disabled"
-    if reason is Reason.SUBJECT_DISABLED:
-        return f"`{subject}` is disabled"
-    if reason is Reason.SUBJECT_ACTIVE:
-        return f"`{subject}` is active in tenant `{tenant}`"
-    if reason is Reason.UNKNOWN_CHANNEL:
-        return f"no channel `{channel}` in tenant `{tenant}`"
-    if reason is Reason.SYSTEM_TOPIC:
-        return f"system topic `{topic}` is not granted"
-    if reason is Reason.WILDCARD_TOO_BROAD:
-        if address is None or address.tenant is None:
-            return f"`{topic}` has a wildcard tenant level and could reach other tenants"
-        return f"no tenant-wide `{action}` grant for a wildcard channel"
-    if reason is Reason.MISSING_TOPIC:
-        return f"{action} without a topic"
-    if reason is Reason.OUTSIDE_NAMESPACE:
-        return f"`{topic}` is outside the channel namespace"
-    if reason is Reason.DENIED_BY_BLOCK:
-        if request.action is Action.CONNECT:
-            return f"connect denied{by}"
-        if target.is_system:
-            return f"`{topic}` denied{by}"
-        if channel is None:
-            return f"wildcard filter could reach a channel denied{by}"
-        return f"`{action}` on `{channel}` denied{by}"
-    if reason is Reason.ROLE_GRANT:
-        if target.is_system:
-            return f"`{topic}` granted{by}"
-        if channel is None:
-            return f"tenant-wide `{action}`{' from ' + block if block else ''}"
-        return f"`{action}` on `{channel}` granted{by}"
-    return f"{reason.value}{by}"

@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import aiohttp
 
 from authhook.errors import ConfigError, EvaluatorUnavailable
+from authhook.evaluators.wording import describe
 from authhook.models import ACTION_BIT, Action, AuthzRequest, Reason, Target, Verdict
 from authhook.policy_files import reference_policy
 from authhook.store.base import BlockFact, Effect, Facts, ScopeKind, Store
@@ -187,56 +188,27 @@ def _explain(
         return ("request names no username or subject id" if key is None else f"no client or user `{key}`"), None
     if subject is None:
         raise _Malformed(f"`{reason.value}` for an unknown subject")
-    action = request.action.value
-    topic = target.topic
     address = target.address
-    claimed = request.subject.tenant
-    if reason is Reason.TENANT_DISABLED:
-        return f"tenant `{subject.tenant}` is disabled", None
-    if reason is Reason.SUBJECT_DISABLED:
-        return f"`{subject.id}` is disabled", None
+    decided_by: str | None = None
     if reason is Reason.WRONG_TENANT:
-        if claimed is not None and claimed != subject.tenant:
-            return f"broker claims tenant `{claimed}`, subject is in `{subject.tenant}`", None
-        if address is None:
+        claimed = request.subject.tenant
+        if (claimed is None or claimed == subject.tenant) and address is None:
             raise _Malformed("`wrong_tenant` for a request outside any tenant")
-        return f"`{topic}` belongs to tenant `{address.tenant}`, not `{subject.tenant}`", None
-    if reason is Reason.MISSING_TOPIC:
-        return f"{action} without a topic", None
-    if reason is Reason.OUTSIDE_NAMESPACE:
-        return f"`{topic}` is outside the channel namespace", None
-    if reason is Reason.SYSTEM_TOPIC:
-        return f"system topic `{topic}` is not granted", None
-    if reason is Reason.SUBJECT_ACTIVE:
+    elif reason is Reason.SUBJECT_ACTIVE:
         if request.action is not Action.CONNECT:
-            raise _Malformed(f"`subject_active` for a {action}")
-        return f"`{subject.id}` is active in tenant `{subject.tenant}`", None
-    if reason is Reason.WILDCARD_TOO_BROAD:
-        if address is not None and address.tenant is None:
-            return f"`{topic}` has a wildcard tenant level and could reach other tenants", None
-        return f"no tenant-wide `{action}` grant for a wildcard channel", None
-    if block is not None:
-        by = _block_id(block)
-        verb = "denied" if reason is Reason.DENIED_BY_BLOCK else "granted"
-        if request.action is Action.CONNECT:
-            if reason is not Reason.DENIED_BY_BLOCK:
-                raise _Malformed("a role grant for connect")
-            return f"connect denied by {by}", by
-        if address is None:
-            return f"`{topic}` {verb} by {by}", by
-        if address.channel is None:
-            if reason is Reason.DENIED_BY_BLOCK:
-                return f"wildcard filter could reach a channel denied by {by}", by
-            return f"tenant-wide `{action}` from {by}", by
-        return f"`{action}` on `{address.channel}` {verb} by {by}", by
-    channel = address.channel if address is not None else None
-    if channel is None:
-        raise _Malformed(f"`{reason.value}` without a channel")
-    if reason is Reason.UNKNOWN_CHANNEL:
-        return f"no channel `{channel}` in tenant `{subject.tenant}`", None
-    if reason is Reason.CONNECTED:
-        return f"`{subject.id}` is connected to `{channel}` for {action}", f"connection:{subject.id}/{channel}"
-    return f"`{subject.id}` is not connected to `{channel}` for {action}", None  # NOT_CONNECTED
+            raise _Malformed(f"`subject_active` for a {request.action.value}")
+    elif block is not None:
+        decided_by = _block_id(block)
+        if request.action is Action.CONNECT and reason is not Reason.DENIED_BY_BLOCK:
+            raise _Malformed("a role grant for connect")
+    elif reason in (Reason.UNKNOWN_CHANNEL, Reason.CONNECTED, Reason.NOT_CONNECTED):
+        channel = address.channel if address is not None else None
+        if channel is None:
+            raise _Malformed(f"`{reason.value}` without a channel")
+        if reason is Reason.CONNECTED:
+            decided_by = f"connection:{subject.id}/{channel}"
+    detail = describe(reason, decided_by if block is not None else None, request, target, subject.id, subject.tenant)
+    return detail, decided_by
 
 
 def to_verdict(
