@@ -82,6 +82,25 @@ async def test_without_the_token_a_caller_gets_401_and_learns_nothing(client: Cl
     assert (await client.get("/healthz")).status == 200  # health stays open for probes
 
 
+@pytest.mark.parametrize("path", ["/emqx/authz", "/vernemq", "/emqx/no-such-hook", "/v1/authorize"])
+async def test_a_wrong_method_or_unknown_path_under_a_broker_prefix_is_401_without_the_token(
+    client: Client, path: str
+) -> None:
+    """Without the token nobody learns which broker paths exist or which methods they take."""
+    for method in ("GET", "PUT", "DELETE", "POST"):
+        response = await client.request(method, path, data=b"{}")
+        assert (response.status, await response.json()) == (401, {"error": "unauthorized"}), method
+
+
+async def test_with_the_token_a_wrong_method_is_a_json_405_naming_the_allowed_ones(client: Client) -> None:
+    response = await client.get("/emqx/authz", headers=AUTH)
+    assert response.status == 405
+    assert response.headers["allow"] == "POST"
+    assert await response.json() == {"error": "method_not_allowed", "message": "method not allowed"}
+    missing = await client.post("/emqx/no-such-hook", data=b"{}", headers=AUTH)
+    assert (missing.status, (await missing.json())["error"]) == (404, "not_found")
+
+
 async def test_the_token_may_come_as_a_query_parameter(client: Client) -> None:
     response = await client.post(
         f"/rabbitmq/user?token={TOKEN}",

@@ -80,3 +80,26 @@ async def test_unknown_paths_are_404_json(client: TestClient) -> None:  # type: 
     response = await client.get("/nope")
     assert response.status == 404
     assert (await response.json())["error"] == "not_found"
+
+
+async def test_a_handler_that_crashes_answers_a_json_500_without_a_traceback(
+    client: TestClient,  # type: ignore[type-arg]
+    demo: PDP,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def explode(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("boom: secret internals")
+
+    monkeypatch.setattr(demo.decision_log, "recent", explode)
+    response = await client.get("/v1/decisions")
+    assert response.status == 500
+    assert await response.json() == {"error": "internal_error", "message": "internal error"}
+    assert "boom" in caplog.text  # the operator's log has it; the caller does not
+
+
+async def test_head_and_wrong_methods_on_open_paths(client: TestClient) -> None:  # type: ignore[type-arg]
+    assert (await client.head("/healthz")).status == 200
+    response = await client.post("/healthz", data=b"")
+    assert response.status == 405
+    assert (await response.json())["error"] == "method_not_allowed"

@@ -9,15 +9,16 @@ from __future__ import annotations
 from aiohttp import web
 
 from authhook.brokers import emqx, mosquitto, rabbitmq, vernemq
-from authhook.brokers.common import BROKER_PREFIXES, webhook_token_check
 from authhook.config import Settings
 from authhook.pdp import PDP
 
 
-def add_broker_routes(app: web.Application, pdp: PDP, settings: Settings) -> None:
-    """Mount every broker's endpoints; one PDP answers all brokers at once."""
+def broker_routes(pdp: PDP, settings: Settings) -> web.RouteTableDef:
+    """Every broker's endpoints, for the server to mount behind its edge; one PDP answers all brokers."""
+    routes = web.RouteTableDef()
     for module in (emqx, vernemq, mosquitto, rabbitmq):
-        module.add_routes(app, pdp, settings)
+        module.add_routes(routes, pdp, settings)
+    return routes
 
 
-__all__ = ["BROKER_PREFIXES", "add_broker_routes", "webhook_token_check"]
+__all__ = ["broker_routes"]

@@ -1,8 +1,7 @@
-"""What every adapter needs: the webhook token check, body parsing that never raises, field helpers."""
+"""What every adapter needs: body parsing that never raises, field helpers, answers."""
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from urllib.parse import parse_qsl
@@ -17,7 +16,6 @@ from authhook.models import Action, Decision, Reason, Subject
 if TYPE_CHECKING:
     from authhook.pdp import PDP
 
-BROKER_PREFIXES = ("/emqx/", "/vernemq", "/mosquitto-go-auth/", "/rabbitmq/", "/v1/")
 MAX_BODY_KEY = web.AppKey("max_body", int)
 MAX_MEMO_BODY = 1024
 T = TypeVar("T")
@@ -41,26 +39,6 @@ class Malformed(Exception):
         if self.action is None:
             self.action = action
         return self
-
-
-def webhook_token_check(settings: Settings) -> Callable[[web.Request], bool]:
-    """A predicate: may this request reach a broker or API endpoint?
-
-    The shared token comes in a header or a query parameter and is compared in constant time. With no
-    token configured the check passes (``serve`` allows that only on loopback or with mutual TLS).
-    Health endpoints are always open.
-    """
-    token = settings.webhook.token
-    expected = token.get_secret_value().encode() if token is not None else None
-    header, query_param = settings.webhook.header, settings.webhook.query_param
-
-    def admitted(request: web.Request) -> bool:
-        if expected is None or not request.path.startswith(BROKER_PREFIXES):
-            return True
-        offered = request.headers.get(header) or request.query.get(query_param) or ""
-        return hmac.compare_digest(offered.encode(), expected)
-
-    return admitted
 
 
 async def read_raw(request: web.Request) -> bytes:

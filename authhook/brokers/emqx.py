@@ -103,7 +103,7 @@ def answer(decision: Decision, settings: Settings, *, authn: bool) -> dict[str, 
 # -- routes -------------------------------------------------------------------------------------------
 
 
-def add_routes(app: web.Application, pdp: PDP, settings: Settings) -> None:
+def add_routes(routes: web.RouteTableDef, pdp: PDP, settings: Settings) -> None:
     async def authn(request: web.Request) -> web.Response:
         try:
             data = await read_fields(request)
@@ -137,5 +137,5 @@ def add_routes(app: web.Application, pdp: PDP, settings: Settings) -> None:
             decision = await pdp.authorize(authz_req, broker=BROKER, hook="authz")
         return json_answer(answer(decision, settings, authn=False))
 
-    app.router.add_post("/emqx/authn", authn)
-    app.router.add_post("/emqx/authz", authz)
+    routes.post("/emqx/authn")(authn)
+    routes.post("/emqx/authz")(authz)

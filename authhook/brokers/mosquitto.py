@@ -72,7 +72,7 @@ def answer(decision: Decision, mode: str) -> web.Response:
 # -- routes -------------------------------------------------------------------------------------------
 
 
-def add_routes(app: web.Application, pdp: PDP, settings: Settings) -> None:
+def add_routes(routes: web.RouteTableDef, pdp: PDP, settings: Settings) -> None:
     mode = settings.brokers.mosquitto_response_mode
 
     def malformed(action: Action, exc: Malformed, hook: str) -> web.Response:
@@ -120,6 +120,6 @@ def add_routes(app: web.Application, pdp: PDP, settings: Settings) -> None:
         assert decision is not None
         return answer(decision, mode)
 
-    app.router.add_post("/mosquitto-go-auth/user", user)
-    app.router.add_post("/mosquitto-go-auth/superuser", superuser)
-    app.router.add_post("/mosquitto-go-auth/acl", acl)
+    routes.post("/mosquitto-go-auth/user")(user)
+    routes.post("/mosquitto-go-auth/superuser")(superuser)
+    routes.post("/mosquitto-go-auth/acl")(acl)

@@ -113,7 +113,7 @@ def word(allowed: bool) -> web.Response:
 # -- routes -------------------------------------------------------------------------------------------
 
 
-def add_routes(app: web.Application, pdp: PDP, settings: Settings) -> None:
+def add_routes(routes: web.RouteTableDef, pdp: PDP, settings: Settings) -> None:
     exchange, vhost = settings.brokers.rabbitmq_exchange, settings.brokers.rabbitmq_vhost
 
     def malformed(action: Action, exc: Malformed, hook: str, subject: Subject | None = None) -> web.Response:
@@ -162,5 +162,5 @@ def add_routes(app: web.Application, pdp: PDP, settings: Settings) -> None:
         return word(decision.allowed)
 
     for path, handler in (("user", user), ("vhost", vhost_check), ("resource", resource), ("topic", topic)):
-        app.router.add_post(f"/rabbitmq/{path}", handler)
-        app.router.add_get(f"/rabbitmq/{path}", handler)
+        routes.post(f"/rabbitmq/{path}")(handler)
+        routes.get(f"/rabbitmq/{path}")(handler)

@@ -94,7 +94,7 @@ def subscribe_answer(
 # -- routes -------------------------------------------------------------------------------------------
 
 
-def add_routes(app: web.Application, pdp: PDP, settings: Settings) -> None:
+def add_routes(routes: web.RouteTableDef, pdp: PDP, settings: Settings) -> None:
     max_age = settings.brokers.vernemq_cache_max_age_s
 
     def respond(body: dict[str, Any]) -> web.Response:
@@ -144,4 +144,4 @@ def add_routes(app: web.Application, pdp: PDP, settings: Settings) -> None:
         except orjson.JSONEncodeError:
             return refused(Malformed("a subscription entry cannot be echoed back as json"), action, hook)
 
-    app.router.add_post("/vernemq", webhook)
+    routes.post("/vernemq")(webhook)

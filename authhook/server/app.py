@@ -11,59 +11,24 @@ import ipaddress
 import logging
 import signal
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 from aiohttp import web
 from pydantic import ValidationError
 
-from authhook.brokers import add_broker_routes, webhook_token_check
+from authhook.brokers import broker_routes
 from authhook.brokers.common import MAX_BODY_KEY
 from authhook.config import HttpSettings, Settings
 from authhook.errors import AuthhookError, ConfigError
 from authhook.models import AuthzRequest
 from authhook.pdp import PDP
+from authhook.server.edge import Edge, MalformedBody, error_response, mount, mount_catch_all
 
 log = logging.getLogger("authhook.server")
 
 PDP_KEY = web.AppKey("pdp", PDP)
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def error_response(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"error": code, "message": message}, status=status)
-
-
-class MalformedBody(Exception):
-    """The body could not be parsed; answered as 400 ``malformed_body``."""
-
-
-def edge_middleware(settings: Settings) -> Any:
-    """The one middleware every request passes (one layer, because each costs a coroutine per request):
-    the webhook token check, then errors turned into small JSON answers, never a traceback."""
-    admitted = webhook_token_check(settings)
-
-    @web.middleware
-    async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not admitted(request):
-            return web.json_response({"error": "unauthorized"}, status=401)  # says nothing more, on purpose
-        try:
-            return await handler(request)
-        except MalformedBody as exc:
-            return error_response(400, "malformed_body", str(exc))
-        except web.HTTPRequestEntityTooLarge:
-            return error_response(413, "body_too_large", f"body exceeds {request.app[MAX_BODY_KEY]} bytes")
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            return error_response(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason.lower())
-        except Exception:
-            log.exception("unhandled error on %s %s", request.method, request.path)
-            return error_response(500, "internal_error", "internal error")
-
-    return edge
 
 
 async def read_json(request: web.Request) -> Any:
@@ -117,17 +82,15 @@ async def decisions_v1(request: web.Request) -> web.Response:
 
 
 def create_app(pdp: PDP, settings: Settings) -> web.Application:
-    app = web.Application(
-        client_max_size=settings.http.max_body_bytes,
-        middlewares=[edge_middleware(settings)],
-    )
+    """The app: health open to all; the PDP's API and every broker's endpoints behind the token check."""
+    app = web.Application(client_max_size=settings.http.max_body_bytes)
     app[PDP_KEY] = pdp
     app[MAX_BODY_KEY] = settings.http.max_body_bytes
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_post("/v1/authorize", authorize_v1)
-    app.router.add_get("/v1/decisions", decisions_v1)
-    add_broker_routes(app, pdp, settings)
+    edge = Edge(settings)
+    mount(app, edge, [web.get("/healthz", healthz), web.get("/readyz", readyz)], token=False)
+    mount(app, edge, [web.post("/v1/authorize", authorize_v1), web.get("/v1/decisions", decisions_v1)])
+    mount(app, edge, broker_routes(pdp, settings))
+    mount_catch_all(app, edge)
     return app
 
 
