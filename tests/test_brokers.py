@@ -101,6 +101,26 @@ async def test_with_the_token_a_wrong_method_is_a_json_405_naming_the_allowed_on
     assert (missing.status, (await missing.json())["error"]) == (404, "not_found")
 
 
+async def test_a_token_header_that_is_not_utf8_is_a_401_not_a_crash(client: Client) -> None:
+    """Raw bytes on the wire (a client library would refuse to send them): aiohttp hands the handler an
+    undecodable header value, which must read as a wrong token."""
+    import asyncio
+
+    assert client.server.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    body = b'{"username":"acme-thermo-1","topic":"m/acme/c/telemetry","action":"publish"}'
+    writer.write(
+        b"POST /emqx/authz HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"x-authhook-token: " + TOKEN.encode() + b"\xff\xfe\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body
+    )
+    answer = await reader.read()
+    writer.close()
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line.split()[1] == b"401", answer
+    assert rest.endswith(b'{"error":"unauthorized"}')
+
+
 async def test_the_token_may_come_as_a_query_parameter(client: Client) -> None:
     response = await client.post(
         f"/rabbitmq/user?token={TOKEN}",

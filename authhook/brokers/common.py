@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from urllib.parse import parse_qsl
 
 import orjson
 from aiohttp import hdrs, web
-from cachetools import LRUCache
 
 from authhook.config import Settings
 from authhook.models import Action, Decision, Reason, Subject
@@ -86,20 +86,31 @@ class TranslationMemo(Generic[T]):
 
     def __init__(self, translate: Callable[[dict[str, Any]], T], maxsize: int = 10_000) -> None:
         self._translate = translate
-        self._memo: LRUCache[tuple[str, str, bytes], T] = LRUCache(maxsize)
+        self._maxsize = maxsize
+        # First in, first out, on an OrderedDict: a hit is one C-level lookup. cachetools' LRU bookkeeping
+        # costs three Python calls per hit, a tenth of everything authhook adds to a cached /emqx/authz.
+        self._memo: OrderedDict[tuple[str, str, bytes], T] = OrderedDict()
 
     async def __call__(self, request: web.Request) -> T:
-        raw = await read_raw(request)
+        method = request.method
+        if method == "GET":
+            raw = request.query_string.encode()
+        else:
+            try:
+                raw = await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                raise Malformed(f"body exceeds {request.app.get(MAX_BODY_KEY, 'the configured')} bytes") from None
         # The raw header, not ``request.content_type``, which parses it again on every request (~2.5 µs of
         # a ~130 µs hit); equal raw headers parse equally, so the key is just as exact.
-        key = (request.method, request.headers.get(hdrs.CONTENT_TYPE, ""), raw)
-        try:
-            return self._memo[key]
-        except KeyError:
-            pass
-        translated = translate_fields(self._translate, parse_fields(request.method, request.content_type, raw))
+        key = (method, request.headers.get(hdrs.CONTENT_TYPE, ""), raw)
+        translated = self._memo.get(key)
+        if translated is not None:
+            return translated
+        translated = translate_fields(self._translate, parse_fields(method, request.content_type, raw))
         if len(raw) <= MAX_MEMO_BODY:
             self._memo[key] = translated
+            if len(self._memo) > self._maxsize:
+                self._memo.popitem(last=False)
         return translated
 
 
