@@ -28,7 +28,7 @@ from typing import Any
 
 import orjson
 
-from authhook.models import AuthzRequest, Decision, Target
+from authhook.models import AuthzRequest, Decision, Target, Verdict
 
 log = logging.getLogger("authhook.decision_log")
 
@@ -68,7 +68,7 @@ def iso_time(ts: float) -> str:
 
 
 _CACHE_STATUS = {status: f'"{status}"'.encode() for status in ("hit", "miss", "bypass")}
-_STATIC_MAX = 4096  # distinct (request, target, verdict, broker, hook) kept serialized; cleared when full
+_STATIC_MAX = 4096  # verdicts whose line's static part is kept serialized; cleared when full
 
 
 def event_fields(
@@ -123,7 +123,7 @@ class DecisionLog:
         self._flush_interval = flush_interval
         self._task: asyncio.Task[None] | None = None
         self._recorded = 0  # events appended to _pending since the last flush
-        self._static: dict[tuple[int, int, int, str, str], tuple[Any, Any, Any, bytes]] = {}
+        self._static: dict[int, tuple[AuthzRequest, Target | None, Verdict, str, str, bytes]] = {}
         self._second, self._second_text = -1, b""  # the epoch second lines were last stamped in, as ISO text
         self.dropped = 0
 
@@ -165,16 +165,24 @@ class DecisionLog:
         so that part is serialized once and reused. A plain dict, emptied when full, keeps those parts: a
         line then costs ~1 µs, where an LRU's bookkeeping alone cost ~1.5 µs more."""
         verdict = decision.verdict
-        key = (id(request), id(target), id(verdict), broker, hook)
-        entry = self._static.get(key)
-        if entry is None or entry[0] is not request or entry[1] is not target or entry[2] is not verdict:
+        # Keyed by the verdict alone (one per evaluation, shared by every hit on it); the entry pins the
+        # objects, and the identity checks make a verdict met with another request simply re-serialize.
+        entry = self._static.get(id(verdict))
+        if (
+            entry is None
+            or entry[0] is not request
+            or entry[1] is not target
+            or entry[2] is not verdict
+            or entry[3] != broker
+            or entry[4] != hook
+        ):
             fields = event_fields(ts, broker, hook, request, target, decision)
             for dynamic in ("time", "cache", "latency_us"):
                 del fields[dynamic]
             if len(self._static) >= _STATIC_MAX:
                 self._static.clear()
-            entry = (request, target, verdict, _dumps(fields)[1:-1])  # the objects pin their ids
-            self._static[key] = entry
+            entry = (request, target, verdict, broker, hook, _dumps(fields)[1:-1])
+            self._static[id(verdict)] = entry
         second = int(ts)
         if second != self._second:
             self._second = second
@@ -182,7 +190,7 @@ class DecisionLog:
         return b'{"time":"%s.%06d+00:00",%s,"cache":%s,"latency_us":%.2f}' % (
             self._second_text,
             int((ts - second) * 1_000_000),
-            entry[3],
+            entry[5],
             _CACHE_STATUS.get(decision.cache) or orjson.dumps(decision.cache),
             decision.latency_us,
         )

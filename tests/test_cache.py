@@ -44,6 +44,22 @@ async def test_revoke_through_the_library_is_denied_on_the_very_next_decision(de
     assert (after.reason, after.cache) == (Reason.NOT_CONNECTED, "miss")
 
 
+async def test_the_synchronous_cache_path_answers_hits_only_and_never_after_a_revoke(demo: PDP) -> None:
+    """``pdp.cached`` (what adapters try before awaiting ``authorize``) is the same hit, logged the same way."""
+    assert demo.cached(PUBLISH) is None  # nothing cached yet: the caller must await authorize
+    first = await demo.authorize(PUBLISH, broker="emqx", hook="authz")
+    logged = len(demo.decision_log.recent())
+    hit = demo.cached(PUBLISH, broker="emqx", hook="authz")
+    assert hit is not None
+    assert (hit.allowed, hit.cache, hit.verdict) == (True, "hit", first.verdict)
+    event = demo.decision_log.recent()[-1].to_dict()
+    assert len(demo.decision_log.recent()) == logged + 1
+    assert (event["broker"], event["hook"], event["cache"], event["allowed"]) == ("emqx", "authz", "hit", True)
+    await demo.store.disconnect("acme", "acme-thermo-1", "telemetry", frozenset({"publish"}))
+    assert demo.cached(PUBLISH) is None
+    assert not (await demo.authorize(PUBLISH)).allowed
+
+
 async def test_a_grant_drops_a_cached_denial(demo: PDP) -> None:
     request = make_request("subscribe", "acme-thermo-1", "m/acme/c/telemetry")
     assert not (await demo.authorize(request)).allowed
@@ -222,6 +238,7 @@ async def test_cache_can_be_disabled(db_path: Path) -> None:
         assert pdp.cache is None
         decision = await pdp.authorize(make_request("publish", "x", "m/a/c/b"))
         assert decision.cache == "bypass"
+        assert pdp.cached(make_request("publish", "x", "m/a/c/b")) is None
 
 
 def test_request_cache_keys_differ_on_every_policy_visible_field() -> None:

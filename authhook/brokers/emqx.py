@@ -145,7 +145,9 @@ def add_routes(routes: web.RouteTableDef, pdp: PDP, settings: Settings) -> None:
         except Malformed as exc:
             decision = refuse(pdp, exc, Action.PUBLISH, broker=BROKER, hook="authz")
         else:
-            decision = await pdp.authorize(authz_req, broker=BROKER, hook="authz")
+            decision = pdp.cached(authz_req, broker=BROKER, hook="authz") or await pdp.authorize(
+                authz_req, broker=BROKER, hook="authz"
+            )
         return web.Response(body=authz_body(decision, settings), content_type="application/json")
 
     routes.post("/emqx/authn")(authn)

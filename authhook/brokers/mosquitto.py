@@ -114,7 +114,9 @@ def add_routes(routes: web.RouteTableDef, pdp: PDP, settings: Settings) -> None:
             return malformed(Action.PUBLISH, exc, "acl")
         decision = None
         for authz in requests:  # acc 3 needs both; the first deny answers
-            decision = await pdp.authorize(authz, broker=BROKER, hook="acl")
+            decision = pdp.cached(authz, broker=BROKER, hook="acl") or await pdp.authorize(
+                authz, broker=BROKER, hook="acl"
+            )
             if not decision.allowed:
                 break
         assert decision is not None

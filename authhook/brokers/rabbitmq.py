@@ -158,7 +158,9 @@ def add_routes(routes: web.RouteTableDef, pdp: PDP, settings: Settings) -> None:
             authz = await translate_topic(request)
         except Malformed as exc:
             return malformed(Action.PUBLISH, exc, "topic")
-        decision = await pdp.authorize(authz, broker=BROKER, hook="topic")
+        decision = pdp.cached(authz, broker=BROKER, hook="topic") or await pdp.authorize(
+            authz, broker=BROKER, hook="topic"
+        )
         return word(decision.allowed)
 
     for path, handler in (("user", user), ("vhost", vhost_check), ("resource", resource), ("topic", topic)):
