@@ -198,11 +198,15 @@ class PDP:
 
     async def authorize(self, request: AuthzRequest, *, broker: str = "library", hook: str = "authorize") -> Decision:
         """May this subject publish/subscribe/connect? Never raises; always logged."""
-        hit = self.cached(request, broker=broker, hook=hook)
-        if hit is not None:
-            return hit
         started = time.perf_counter()
         cache = self.cache
+        if cache is not None:  # ``cached`` written out: this is the library's hot path
+            key = request.cache_key()
+            entry = cache.get(key)
+            if entry is not None:
+                decision = Decision(entry.verdict, "hit", (time.perf_counter() - started) * 1e6)
+                self.decision_log.record(request, entry.target, decision, broker, hook)
+                return decision
         target = self.resolve(request)
         if isinstance(target, Verdict):
             decision = Decision(target, "bypass", (time.perf_counter() - started) * 1e6)
@@ -212,7 +216,6 @@ class PDP:
         if cache is None:
             verdict = await self._evaluate(request, target)
         else:
-            key = request.cache_key()
             verdict, status = await cache.get_or_evaluate(key, target, lambda: self._evaluate(request, target))
         decision = Decision(verdict, status, (time.perf_counter() - started) * 1e6)
         self.decision_log.record(request, target, decision, broker, hook)

@@ -14,6 +14,7 @@ import pytest
 
 from authhook import PDP, Reason, make_request
 from authhook.errors import EvaluatorUnavailable
+from authhook.evaluators import cedar_call
 from authhook.evaluators.base import PolicyEvaluator
 from authhook.evaluators.cedar import (
     DEFAULT_POLICIES,
@@ -21,10 +22,11 @@ from authhook.evaluators.cedar import (
     FORBID_ORDER,
     PERMIT_ORDER,
     CedarEvaluator,
+    may_read_context_topic,
     tenant_entities,
 )
 from authhook.evaluators.inhouse import decide
-from authhook.models import Action, Target
+from authhook.models import Action, Target, Verdict
 from authhook.store.base import (
     Assignment,
     Block,
@@ -294,13 +296,20 @@ class _Counting:
 @pytest.fixture
 def parses(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
     """Counts every cedarpy parse: policies, schema, entities (whole or added), and which handle each
-    ``is_authorized`` call was given."""
+    authorization call was given."""
     counts: Counter[str] = Counter()
+    chosen = cedar_call.authorizer()  # probed before anything is counted
+
+    def authorize(query: Any, policies: Any, entities: Any, schema: Any) -> Any:
+        assert isinstance(entities, cedarpy.Entities) and not isinstance(policies, str)
+        counts[f"handle:{id(entities)}"] += 1
+        return chosen(query, policies, entities, schema)
+
+    monkeypatch.setattr(cedar_call, "authorizer", lambda: authorize)
     monkeypatch.setattr(cedarpy, "PolicySet", _Counting(cedarpy.PolicySet, counts, "PolicySet"))
     monkeypatch.setattr(cedarpy, "Schema", _Counting(cedarpy.Schema, counts, "Schema"))
     real_from_json: Callable[..., Any] = cedarpy.Entities.from_json_str
     real_added: Callable[..., Any] = cedarpy.Entities.with_added_json_str
-    real_authorize = cedarpy.is_authorized
 
     def from_json_str(*args: Any, **kwargs: Any) -> Any:
         counts["Entities.from_json_str"] += 1
@@ -310,14 +319,8 @@ def parses(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
         counts["Entities.with_added_json_str"] += 1
         return real_added(self, *args, **kwargs)
 
-    def is_authorized(request: Any, policies: Any, entities: Any, *args: Any) -> Any:
-        assert isinstance(entities, cedarpy.Entities) and not isinstance(policies, str)
-        counts[f"handle:{id(entities)}"] += 1
-        return real_authorize(request, policies, entities, *args)
-
     monkeypatch.setattr(cedarpy.Entities, "from_json_str", staticmethod(from_json_str))
     monkeypatch.setattr(cedarpy.Entities, "with_added_json_str", with_added_json_str)
-    monkeypatch.setattr(cedarpy, "is_authorized", is_authorized)
     return counts
 
 
@@ -596,3 +599,75 @@ def test_synthetic_worlds_agree_with_inhouse(kind: SubjectKind) -> None:
                             assert (got.allowed, got.reason) == (want.allowed, want.reason), (blocks, facts, target)
                             checked += 1
     assert checked > 5_000
+
+
+# -- the cedarpy call ---------------------------------------------------------------------------------
+
+
+async def test_the_compiled_call_and_the_public_api_give_the_same_answers(demo: PDP) -> None:
+    """Over the reference policies and a real tenant graph, for every case of the shared table."""
+    evaluator = CedarEvaluator(demo.store)
+    pdp = PDP(demo.store, demo.hasher, evaluator=evaluator)
+    compared = 0
+    for case in CASES:
+        request = make_request(*case[:3])
+        await pdp.authorize(request)  # builds the graph of the subject's tenant
+        target = pdp.resolve(request)
+        graph = evaluator.graph(evaluator._tenant_of.get(request.subject.key or "", ""))
+        if graph is None or isinstance(target, Verdict):
+            continue
+        seen = []
+        for call in (cedar_call.authorize_public, cedar_call.authorize_compiled):
+            evaluator._authorize = call
+            verdict = evaluator.decide(request, target, graph)
+            seen.append((verdict.allowed, verdict.reason, verdict.decided_by, verdict.detail))
+        assert seen[0] == seen[1], case
+        compared += 1
+    assert compared >= 20
+
+
+def test_a_compiled_call_that_answers_differently_is_not_used(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def says_allow_to_everything(*args: Any) -> str:
+        return json.dumps(
+            {"decision": "Allow", "diagnostics": {"reason": [], "errors": [], "id_annotations_by_reason": {}}}
+        )
+
+    monkeypatch.setattr(cedar_call, "_COMPILED", says_allow_to_everything)
+    assert cedar_call.probe() is cedar_call.authorize_public
+    assert "not used" in caplog.text
+    monkeypatch.setattr(cedar_call, "_COMPILED", None)  # a cedarpy without it
+    assert cedar_call.probe() is cedar_call.authorize_public
+
+
+def test_this_cedarpy_gets_the_compiled_call() -> None:
+    """The speed figure in bench/ assumes it; a cedarpy upgrade that changes it shows up here first."""
+    assert cedar_call.probe() is cedar_call.authorize_compiled
+
+
+async def test_a_site_policy_that_reads_the_topic_gets_it(demo: PDP, tmp_path: Path) -> None:
+    """The reference policies never read ``context.topic``, so it is left out for them; a policy that
+    reads it must still see it, or a forbid guarded by ``context has topic`` would silently not apply."""
+    policies = tmp_path / "site.cedar"
+    policies.write_text(
+        DEFAULT_POLICIES.read_text()
+        + '\n@id("no-debug")\nforbid (principal, action, resource)\n'
+        + 'when { context has topic && context.topic like "m/acme/c/telemetry/debug*" };\n'
+    )
+    pdp = PDP(demo.store, demo.hasher, evaluator=CedarEvaluator(demo.store, policies_path=policies))
+    assert (await pdp.authorize(make_request(P, "acme-thermo-1", "m/acme/c/telemetry/temp"))).allowed
+    refused = await pdp.authorize(make_request(P, "acme-thermo-1", "m/acme/c/telemetry/debug/x"))
+    assert (refused.allowed, refused.verdict.decided_by) == (False, "no-debug")
+
+
+def test_the_topic_reader_detection_errs_on_the_side_of_sending_it() -> None:
+    assert not may_read_context_topic(DEFAULT_POLICIES.read_text())
+    for text in (
+        'permit (principal, action, resource) when { context.topic like "a*" };',
+        '@id("x") forbid (principal, action, resource) when { context has topic };',
+        'permit (principal, action, resource) when { context["topic"] == "x" };',
+        'forbid (principal, action, resource) when { context has "topic" };',
+    ):
+        assert may_read_context_topic(text), text
+    assert not may_read_context_topic('// context.topic\n@id("topic-x") permit (principal, action, resource);')
