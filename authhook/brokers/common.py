@@ -92,6 +92,7 @@ class TranslationMemo(Generic[T]):
         self._memo: OrderedDict[tuple[str, str, bytes], T] = OrderedDict()
 
     async def __call__(self, request: web.Request) -> T:
+        # ``read_raw`` written out: on the hottest path its coroutine would cost more than the lookup.
         method = request.method
         if method == "GET":
             raw = request.query_string.encode()
