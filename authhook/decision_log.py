@@ -124,7 +124,6 @@ class DecisionLog:
         self._task: asyncio.Task[None] | None = None
         self._recorded = 0  # events appended to _pending since the last flush
         self._static: dict[int, tuple[AuthzRequest, Target | None, Verdict, str, str, bytes]] = {}
-        self._second, self._second_text = -1, b""  # the epoch second lines were last stamped in, as ISO text
         self.dropped = 0
 
     def record(self, request: AuthzRequest, target: Target | None, decision: Decision, broker: str, hook: str) -> None:
@@ -183,13 +182,8 @@ class DecisionLog:
                 self._static.clear()
             entry = (request, target, verdict, broker, hook, _dumps(fields)[1:-1])
             self._static[id(verdict)] = entry
-        second = int(ts)
-        if second != self._second:
-            self._second = second
-            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)).encode()
-        return b'{"time":"%s.%06d+00:00",%s,"cache":%s,"latency_us":%.2f}' % (
-            self._second_text,
-            int((ts - second) * 1_000_000),
+        return b'{"time":"%s",%s,"cache":%s,"latency_us":%.2f}' % (
+            iso_time(ts).encode(),
             entry[5],
             _CACHE_STATUS.get(decision.cache) or orjson.dumps(decision.cache),
             decision.latency_us,

@@ -182,8 +182,8 @@ class PDP:
         """The decision from the cache, logged, or None when ``authorize`` must be awaited.
 
         The same answer ``authorize`` gives on a hit, without creating a coroutine: broker adapters call
-        ``pdp.cached(...) or await pdp.authorize(...)`` on their hottest path, where a hit is ~2 µs and
-        the coroutine machinery would be a fifth of it.
+        ``pdp.cached(...) or await pdp.authorize(...)`` on their hottest path, where creating and awaiting
+        a coroutine costs ~0.2 µs of a ~2.3 µs hit (measured in-process).
         """
         cache = self.cache
         if cache is None:
@@ -198,15 +198,11 @@ class PDP:
 
     async def authorize(self, request: AuthzRequest, *, broker: str = "library", hook: str = "authorize") -> Decision:
         """May this subject publish/subscribe/connect? Never raises; always logged."""
+        hit = self.cached(request, broker=broker, hook=hook)
+        if hit is not None:
+            return hit
         started = time.perf_counter()
         cache = self.cache
-        if cache is not None:  # ``cached`` written out: this is the library's hot path
-            key = request.cache_key()
-            entry = cache.get(key)
-            if entry is not None:
-                decision = Decision(entry.verdict, "hit", (time.perf_counter() - started) * 1e6)
-                self.decision_log.record(request, entry.target, decision, broker, hook)
-                return decision
         target = self.resolve(request)
         if isinstance(target, Verdict):
             decision = Decision(target, "bypass", (time.perf_counter() - started) * 1e6)
@@ -216,6 +212,7 @@ class PDP:
         if cache is None:
             verdict = await self._evaluate(request, target)
         else:
+            key = request.cache_key()
             verdict, status = await cache.get_or_evaluate(key, target, lambda: self._evaluate(request, target))
         decision = Decision(verdict, status, (time.perf_counter() - started) * 1e6)
         self.decision_log.record(request, target, decision, broker, hook)

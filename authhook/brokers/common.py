@@ -88,7 +88,7 @@ class TranslationMemo(Generic[T]):
         self._translate = translate
         self._maxsize = maxsize
         # First in, first out, on an OrderedDict: a hit is one C-level lookup. cachetools' LRU bookkeeping
-        # costs three Python calls per hit, a tenth of everything authhook adds to a cached /emqx/authz.
+        # costs three Python calls per hit, of the ~35 authhook added to a cached /emqx/authz (cProfile).
         self._memo: OrderedDict[tuple[str, str, bytes], T] = OrderedDict()
 
     async def __call__(self, request: web.Request) -> T:
