@@ -69,6 +69,9 @@ def iso_time(ts: float) -> str:
 
 _CACHE_STATUS = {status: f'"{status}"'.encode() for status in ("hit", "miss", "bypass")}
 _STATIC_MAX = 4096  # verdicts whose line's static part is kept serialized; cleared when full
+# A line after its `{"time":"<date and second>.` head: microseconds (%d truncates the float), the static part,
+# cache status, latency. The same text ``event_fields`` gives, in the same key order.
+_LINE = b'%s%06d+00:00",%s,"cache":%s,"latency_us":%.2f}\n'
 
 
 def event_fields(
@@ -145,10 +148,9 @@ class DecisionLog:
 
     def _write_batch(self, events: Iterable[_Raw], dropped: int) -> None:
         assert self.path is not None
-        lines = [self._line(*raw) for raw in events]
+        data = self._render(events)
         if dropped:
-            lines.append(orjson.dumps({"time": _now_iso(), "dropped_events": dropped}))
-        data = b"\n".join(lines) + b"\n"
+            data += orjson.dumps({"time": _now_iso(), "dropped_events": dropped}) + b"\n"
         # Opened per batch, so a log rotated by renaming (logrotate `create`) continues in a fresh file.
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         try:
@@ -156,38 +158,63 @@ class DecisionLog:
         finally:
             os.close(fd)
 
-    def _line(
-        self, ts: float, broker: str, hook: str, request: AuthzRequest, target: Target | None, decision: Decision
-    ) -> bytes:
-        """One JSON line. Everything but time, cache and latency depends only on (request, target, verdict,
-        broker, hook); a broker repeating a question on a cached answer brings the very same objects again,
-        so that part is serialized once and reused. A plain dict, emptied when full, keeps those parts: a
-        line then costs ~1 µs, where an LRU's bookkeeping alone cost ~1.5 µs more."""
-        verdict = decision.verdict
-        # Keyed by the verdict alone (one per evaluation, shared by every hit on it); the entry pins the
-        # objects, and the identity checks make a verdict met with another request simply re-serialize.
-        entry = self._static.get(id(verdict))
-        if (
-            entry is None
-            or entry[0] is not request
-            or entry[1] is not target
-            or entry[2] is not verdict
-            or entry[3] != broker
-            or entry[4] != hook
-        ):
-            fields = event_fields(ts, broker, hook, request, target, decision)
-            for dynamic in ("time", "cache", "latency_us"):
-                del fields[dynamic]
-            if len(self._static) >= _STATIC_MAX:
-                self._static.clear()
-            entry = (request, target, verdict, broker, hook, _dumps(fields)[1:-1])
-            self._static[id(verdict)] = entry
-        return b'{"time":"%s",%s,"cache":%s,"latency_us":%.2f}' % (
-            iso_time(ts).encode(),
-            entry[5],
-            _CACHE_STATUS.get(decision.cache) or orjson.dumps(decision.cache),
-            decision.latency_us,
-        )
+    def _render(self, events: Iterable[_Raw]) -> bytes:
+        """The JSON lines for ``events``, each ending in a newline.
+
+        This runs once per decision, on the same CPU as the decisions, so it is written as one loop with
+        nothing called per line but a dict lookup and one bytes format (under callgrind a line came to
+        ~13,000 instructions through a method per line, ~5 % of a cache-hit HTTP round trip).
+
+        Everything but time, cache and latency depends only on (request, target, verdict, broker, hook);
+        a broker repeating a question on a cached answer brings the very same objects again, so that part
+        is serialized once and reused. It is keyed by the verdict alone (one per evaluation, shared by every
+        hit on it); the entry pins the objects, and the identity checks make a verdict met with another
+        request or target simply re-serialize. A plain dict, emptied when full, keeps those parts: an LRU's
+        bookkeeping would cost more than the line itself.
+        """
+        static = self._static
+        lines: list[bytes] = []
+        append = lines.append
+        second, head = -1, b""
+        for ts, broker, hook, request, target, decision in events:
+            verdict = decision.verdict
+            # The entry holds the verdict, so no other object can have its id while the entry lives.
+            entry = static.get(id(verdict))
+            if (
+                entry is None
+                or entry[0] is not request
+                or entry[1] is not target
+                or entry[3] != broker
+                or entry[4] != hook
+            ):
+                entry = self._remember(broker, hook, request, target, decision)
+            if int(ts) != second:
+                second = int(ts)
+                head = b'{"time":"%s.' % time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)).encode()
+            append(
+                _LINE
+                % (
+                    head,
+                    (ts - second) * 1e6,
+                    entry[5],
+                    _CACHE_STATUS.get(decision.cache) or orjson.dumps(decision.cache),
+                    decision.latency_us,
+                )
+            )
+        return b"".join(lines)
+
+    def _remember(
+        self, broker: str, hook: str, request: AuthzRequest, target: Target | None, decision: Decision
+    ) -> tuple[AuthzRequest, Target | None, Verdict, str, str, bytes]:
+        """Serialize the static part of a line and keep it for the next events with the same objects."""
+        fields = event_fields(0.0, broker, hook, request, target, decision)
+        for dynamic in ("time", "cache", "latency_us"):
+            del fields[dynamic]
+        if len(self._static) >= _STATIC_MAX:
+            self._static.clear()
+        entry = (request, target, decision.verdict, broker, hook, _dumps(fields)[1:-1])
+        self._static[id(decision.verdict)] = entry
+        return entry
 
     def flush(self) -> None:
         """Write what is pending now, on this thread (used on close and by one-shot commands)."""

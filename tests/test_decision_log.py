@@ -36,6 +36,54 @@ async def test_every_decision_is_recorded_with_broker_hook_and_why(demo: PDP) ->
     assert events[2]["channel"] == "telemetry"  # a cache hit still says which channel
 
 
+async def test_each_line_in_the_file_is_the_event_the_api_shows(demo: PDP) -> None:
+    """The file sink reuses a serialized part per (request, target, verdict, broker, hook): a verdict met again
+    with another broker, hook or request object (same cache key, another peer) must not reuse a wrong one."""
+    publish = make_request("publish", "acme-thermo-1", "m/acme/c/telemetry/t")
+    elsewhere = publish.model_copy(update={"subject": publish.subject.model_copy(update={"peer": "10.0.0.9"})})
+    for request, broker, hook in [
+        (publish, "emqx", "authz"),
+        (publish, "emqx", "authz"),
+        (publish, "vernemq", "authz"),  # another broker, same hook name
+        (publish, "vernemq", "auth_on_publish"),  # another hook, same broker
+        (elsewhere, "vernemq", "auth_on_publish"),
+        (publish, "emqx", "authz"),
+        (make_request("subscribe", "acme-thermo-1", "m/globex/c/#"), "emqx", "authz"),
+    ]:
+        await demo.authorize(request, broker=broker, hook=hook)
+    demo.decision_log.flush()
+    assert demo.decision_log.path is not None
+    written = [json.loads(line) for line in demo.decision_log.path.read_text().splitlines()][-7:]
+    shown = [json.loads(json.dumps(event.to_dict())) for event in demo.decision_log.recent()][-7:]
+    assert written == shown
+    assert [(e["broker"], e["hook"], e["peer"], e["cache"]) for e in written[:6]] == [
+        ("emqx", "authz", None, "miss"),
+        ("emqx", "authz", None, "hit"),
+        ("vernemq", "authz", None, "hit"),
+        ("vernemq", "auth_on_publish", None, "hit"),
+        ("vernemq", "auth_on_publish", "10.0.0.9", "hit"),
+        ("emqx", "authz", None, "hit"),
+    ]
+
+
+def test_one_verdict_met_with_two_targets_writes_each_its_own_channel(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from authhook.models import Decision, Target, Verdict
+    from authhook.topics import ChannelAddress
+
+    log = DecisionLog(Path(str(tmp_path)) / "decisions.jsonl")
+    request = make_request("publish", "acme-thermo-1", "m/acme/c/telemetry")
+    verdict = Verdict(True, Reason.CONNECTED, "connected", "inhouse")
+    for channel in ("telemetry", "alarms", "telemetry"):
+        target = Target("m/acme/c/" + channel, ChannelAddress("acme", channel, ""))
+        log.record(request, target, Decision(verdict, "hit", 1.0), "emqx", "authz")
+    log.flush()
+    assert log.path is not None
+    lines = [json.loads(line) for line in log.path.read_text().splitlines()]
+    assert [e["channel"] for e in lines] == ["telemetry", "alarms", "telemetry"]
+
+
 async def test_the_file_sink_writes_json_lines_that_the_query_filters(demo: PDP) -> None:
     await demo.authorize(make_request("publish", "acme-thermo-1", "m/acme/c/telemetry"))
     await demo.authorize(make_request("publish", "acme-thermo-1", "m/acme/c/alarms"))
