@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntFlag, StrEnum
+from operator import attrgetter
 from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
@@ -132,8 +133,14 @@ class AuthzRequest(BaseModel):
         Raw field values, no conversions: this runs on every cached decision. The peer address is
         left out on purpose: it changes with every reconnect and no shipped policy reads it.
         """
-        s = self.subject
-        return (self.action, s.id, s.username, s.tenant, s.client_id, self.topic, self.qos, self.retain)
+        return request_cache_key(self)
+
+
+# ``AuthzRequest.cache_key`` as one C call: the PDP's cache-hit path uses it directly, without the Python frame
+# of the method (a frame is a noticeable share of a ~2 µs hit).
+request_cache_key: attrgetter[tuple[object, ...]] = attrgetter(
+    "action", "subject.id", "subject.username", "subject.tenant", "subject.client_id", "topic", "qos", "retain"
+)
 
 
 class Target(NamedTuple):

@@ -13,6 +13,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from time import perf_counter
 from types import TracebackType
 from typing import Any
 
@@ -24,7 +25,17 @@ from authhook.errors import AuthhookError, EvaluatorError, InvalidInput, StoreEr
 from authhook.evaluators import build_evaluator
 from authhook.evaluators.base import AclProvider, Grants, PolicyEvaluator
 from authhook.evaluators.inhouse import InHouseEvaluator
-from authhook.models import Action, AuthzRequest, CacheStatus, Decision, Reason, Subject, Target, Verdict
+from authhook.models import (
+    Action,
+    AuthzRequest,
+    CacheStatus,
+    Decision,
+    Reason,
+    Subject,
+    Target,
+    Verdict,
+    request_cache_key,
+)
 from authhook.store import Store, create_store
 from authhook.store.base import SubjectKind
 from authhook.topics import (
@@ -188,11 +199,11 @@ class PDP:
         cache = self.cache
         if cache is None:
             return None
-        started = time.perf_counter()
-        entry = cache.get(request.cache_key())
+        started = perf_counter()
+        entry = cache.get(request_cache_key(request))
         if entry is None:
             return None
-        decision = Decision(entry.verdict, "hit", (time.perf_counter() - started) * 1e6)
+        decision = Decision(entry.verdict, "hit", (perf_counter() - started) * 1e6)
         self.decision_log.record(request, entry.target, decision, broker, hook)
         return decision
 
@@ -212,7 +223,7 @@ class PDP:
         if cache is None:
             verdict = await self._evaluate(request, target)
         else:
-            key = request.cache_key()
+            key = request_cache_key(request)
             verdict, status = await cache.get_or_evaluate(key, target, lambda: self._evaluate(request, target))
         decision = Decision(verdict, status, (time.perf_counter() - started) * 1e6)
         self.decision_log.record(request, target, decision, broker, hook)
