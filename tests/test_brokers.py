@@ -86,10 +86,12 @@ async def test_without_the_token_a_caller_gets_401_and_learns_nothing(client: Cl
 async def test_a_wrong_method_or_unknown_path_under_a_broker_prefix_is_401_without_the_token(
     client: Client, path: str
 ) -> None:
-    """Without the token nobody learns which broker paths exist or which methods they take."""
-    for method in ("GET", "PUT", "DELETE", "POST"):
-        response = await client.request(method, path, data=b"{}")
-        assert (response.status, await response.json()) == (401, {"error": "unauthorized"}), method
+    """Without the token nobody learns which broker paths exist or which methods they take. The check that
+    answers here (``Edge.admitted``) is a second copy of the one on the routes: the same three wrong forms."""
+    for headers, query in (({}, ""), ({"x-authhook-token": "wrong"}, ""), ({}, "?token=wrong")):
+        for method in ("GET", "PUT", "DELETE", "POST"):
+            response = await client.request(method, path + query, data=b"{}", headers=headers)
+            assert (response.status, await response.json()) == (401, {"error": "unauthorized"}), (method, query)
 
 
 async def test_with_the_token_a_wrong_method_is_a_json_405_naming_the_allowed_ones(client: Client) -> None:
