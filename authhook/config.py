@@ -50,6 +50,13 @@ class HttpSettings(BaseModel):
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = Field(default=None, description="require client certificates signed by this CA")
+    gc_young_threshold: int = Field(
+        default=20_000,
+        ge=0,
+        description="`serve` only: allocations between young-generation garbage collections (Python's default "
+        "is 700; 0 leaves it). The decision log keeps each decision alive for a while, and at 700 the collector "
+        "walks them again and again under load (~1 % of a cache-hit request)",
+    )
 
 
 class EvaluatorSettings(BaseModel):

@@ -103,3 +103,19 @@ async def test_head_and_wrong_methods_on_open_paths(client: TestClient) -> None:
     response = await client.post("/healthz", data=b"")
     assert response.status == 405
     assert (await response.json())["error"] == "method_not_allowed"
+
+
+def test_the_server_collects_the_young_generation_less_often_and_zero_leaves_python_alone() -> None:
+    import gc
+
+    from authhook.server.app import tune_garbage_collector
+
+    before = gc.get_threshold()
+    try:
+        tune_garbage_collector(HttpSettings(gc_young_threshold=12_345))
+        assert gc.get_threshold() == (12_345, *before[1:])
+        gc.set_threshold(*before)
+        tune_garbage_collector(HttpSettings(gc_young_threshold=0))
+        assert gc.get_threshold() == before
+    finally:
+        gc.set_threshold(*before)

@@ -7,6 +7,7 @@ Every error leaves as a small JSON body with a stable code - never a traceback -
 from __future__ import annotations
 
 import asyncio
+import gc
 import ipaddress
 import logging
 import signal
@@ -128,12 +129,27 @@ def check_webhook_protection(settings: Settings) -> None:
     log.warning("broker endpoints are not protected: set webhook.token before listening beyond loopback")
 
 
+def tune_garbage_collector(http: HttpSettings) -> None:
+    """Collect the young generation less often in the server process (``http.gc_young_threshold``).
+
+    Only ``serve`` does this: it owns its process, and a library must not retune its host's collector. Every
+    decision stays referenced by the decision log until it is written and while it is among the recent ones,
+    so under load most young objects survive a collection; at Python's threshold of 700 the collector walks
+    them over and over (under callgrind ~3,800 of ~273,000 instructions a cache-hit ``/emqx/authz``). The
+    older generations keep their thresholds, and authhook makes few reference cycles, so memory stays flat.
+    """
+    if http.gc_young_threshold:
+        _, older, oldest = gc.get_threshold()
+        gc.set_threshold(http.gc_young_threshold, older, oldest)
+
+
 async def serve(settings: Settings, *, ready: Callable[[int], None] | None = None) -> None:
     """Run until SIGINT/SIGTERM; ``ready`` gets the bound port (useful with port 0)."""
     check_webhook_protection(settings)
     context = tls_context(settings.http)
     pdp = PDP.from_settings(settings)
     await pdp.open(retry_store=True)
+    tune_garbage_collector(settings.http)
     runner = web.AppRunner(create_app(pdp, settings), access_log=None)
     await runner.setup()
     try:
