@@ -7,10 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from authhook import PDP, Reason, make_request
 from authhook.cache import DecisionCache
 from authhook.errors import StoreUnavailable
-from authhook.models import AuthzRequest, Target, Verdict
+from authhook.models import Action, AuthzRequest, Subject, Target, Verdict, request_cache_key
 from authhook.revision import RevisionBoard, tenant_slot
 from authhook.store.base import Channel, Connection
 from authhook.topics import ChannelAddress
@@ -256,6 +259,49 @@ def test_request_cache_keys_differ_on_every_policy_visible_field() -> None:
     assert len(keys) == 1 + len(variants)
     same = AuthzRequest.model_validate(base.model_dump())
     assert same.cache_key() == base.cache_key()
+
+
+_names = st.one_of(st.none(), st.from_regex(r"[a-z0-9-]{1,12}", fullmatch=True))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    action=st.sampled_from(list(Action)),
+    username=_names,
+    client_id=_names,
+    tenant=_names,
+    subject_id=_names,
+    topic=st.one_of(st.none(), st.from_regex(r"m/[a-z]{1,5}/c/[a-z]{1,5}(/[a-z#+]{1,3})?", fullmatch=True)),
+    qos=st.one_of(st.none(), st.integers(0, 2)),
+    retain=st.booleans(),
+    new_topic=st.from_regex(r"m/[a-z]{1,5}/c/[a-z]{1,5}", fullmatch=True),
+)
+def test_the_hit_path_key_is_the_attribute_values_however_the_request_was_built(
+    action: Action,
+    username: str | None,
+    client_id: str | None,
+    tenant: str | None,
+    subject_id: str | None,
+    topic: str | None,
+    qos: int | None,
+    retain: bool,
+    new_topic: str,
+) -> None:
+    """``request_cache_key`` reads pydantic's ``__dict__`` for speed: it must give what the attributes say,
+    for validated, copied-with-changes and unvalidated (model_construct) requests alike."""
+    subject = Subject(id=subject_id, username=username, client_id=client_id, tenant=tenant)
+    request = AuthzRequest(subject=subject, action=action, topic=topic, qos=qos, retain=retain)
+    built = [
+        request,
+        request.model_copy(update={"topic": new_topic}),
+        request.model_copy(update={"subject": subject.model_copy(update={"tenant": "other"})}),
+        AuthzRequest.model_construct(subject=subject, action=action, topic=topic, qos=qos, retain=retain),
+        AuthzRequest.model_construct(subject=subject, action=action),  # defaults filled in
+    ]
+    for r in built:
+        s = r.subject
+        expected = (r.action, s.id, s.username, s.tenant, s.client_id, r.topic, r.qos, r.retain)
+        assert request_cache_key(r) == expected == r.cache_key()
 
 
 async def test_when_the_evaluating_caller_is_cancelled_the_waiters_evaluate_themselves() -> None:
