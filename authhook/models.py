@@ -135,7 +135,10 @@ class AuthzRequest(BaseModel):
         return request_cache_key(self)
 
 
-def request_cache_key(request: AuthzRequest) -> tuple[object, ...]:
+CacheKey = tuple[object, ...]
+
+
+def request_cache_key(request: AuthzRequest) -> CacheKey:
     """``AuthzRequest.cache_key``, read from the models' ``__dict__``: the PDP's cache-hit path calls this.
 
     pydantic models define ``__getattr__``, so every attribute read goes through CPython's slow hook for it

@@ -15,7 +15,9 @@ from authhook import PDP
 from authhook.brokers.common import Malformed
 from authhook.brokers.rabbitmq import mqtt_topic
 from authhook.config import BrokerSettings, HttpSettings, WebhookSettings
+from authhook.models import Action
 from authhook.server import create_app
+from authhook.store.base import Connection
 
 from .conftest import settings_for
 
@@ -677,8 +679,19 @@ async def test_a_repeated_body_is_parsed_once_but_decided_every_time(client: Cli
     assert await emqx(client, "/emqx/authz", body) == {"result": "allow"}
     assert await emqx(client, "/emqx/authz", body) == {"result": "allow"}
     assert last_event(demo)["cache"] == "hit"
+    # The same question in other bytes is another memo entry with an equal cache key: still a hit.
+    assert await emqx(client, "/emqx/authz", dict(reversed(body.items()))) == {"result": "allow"}
+    assert last_event(demo)["cache"] == "hit"
     await demo.store.disconnect("acme", "acme-thermo-1", "telemetry", frozenset({"publish"}))
     assert await emqx(client, "/emqx/authz", body) == {"result": "deny", "reason": "not_connected"}
+    assert await emqx(client, "/emqx/authz", dict(reversed(body.items()))) == {
+        "result": "deny",
+        "reason": "not_connected",
+    }
+    await demo.store.connect(
+        Connection(tenant="acme", client="acme-thermo-1", channel="telemetry", actions=frozenset({Action.PUBLISH}))
+    )
+    assert await emqx(client, "/emqx/authz", body) == {"result": "allow"}
     malformed = b'{"username": "acme-thermo-1", "action": "publish"}'
     for _ in range(2):  # malformed input is refused every time, never remembered as something else
         response = await client.post("/emqx/authz", data=malformed, headers=EMQX_HEADERS)

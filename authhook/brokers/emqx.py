@@ -29,7 +29,7 @@ from authhook.brokers.common import (
 )
 from authhook.config import Settings
 from authhook.evaluators.base import Grants
-from authhook.models import Action, AuthzRequest, Decision, Subject
+from authhook.models import Action, AuthzRequest, CacheKey, Decision, Subject, request_cache_key
 from authhook.pdp import PDP
 from authhook.topics import TopicTemplate
 
@@ -77,6 +77,12 @@ def authz_request(data: dict[str, Any]) -> AuthzRequest:
         )
     except Malformed as exc:  # the action is known by now: log a bad SUBSCRIBE as a subscribe
         raise exc.about(action) from None
+
+
+def keyed_authz_request(data: dict[str, Any]) -> tuple[AuthzRequest, CacheKey]:
+    """``authz_request`` with its cache key, which the memo then keeps beside it (see ``PDP.cached``)."""
+    request = authz_request(data)
+    return request, request_cache_key(request)
 
 
 def acl_rules(grants: Grants, template: TopicTemplate) -> list[dict[str, Any]]:
@@ -146,22 +152,23 @@ def add_routes(routes: web.RouteTableDef, pdp: PDP, settings: Settings) -> None:
                     )
         return json_answer(answer(decision, settings, authn=True))
 
-    translate_authz = TranslationMemo(authz_request)
+    translate_authz = TranslationMemo(keyed_authz_request)
 
     async def authz(request: web.Request) -> web.Response:
         # Called for every PUBLISH and SUBSCRIBE EMQX does not decide itself: the body is read here rather
-        # than through ``translate_authz(request)``, and the allow answered inline, sparing two calls a hit.
+        # than through ``translate_authz(request)``, the memo hands back the cache key it keeps beside the
+        # request (see ``PDP.cached``), and the allow is answered inline.
         try:
             try:
                 raw = await request.read()
             except web.HTTPRequestEntityTooLarge:
                 raise too_large(request) from None
-            authz_req = translate_authz.translate(request, raw)
+            authz_req, key = translate_authz.translate(request, raw)
         except Malformed as exc:
             decision = refuse(pdp, exc, Action.PUBLISH, broker=BROKER, hook="authz")
         else:
-            decision = pdp.cached(authz_req, broker=BROKER, hook="authz") or await pdp.authorize(
-                authz_req, broker=BROKER, hook="authz"
+            decision = pdp.cached(authz_req, broker=BROKER, hook="authz", key=key) or await pdp.authorize(
+                authz_req, broker=BROKER, hook="authz", key=key
             )
         body = _AUTHZ_ALLOW if decision.verdict.allowed else authz_body(decision, settings)
         return web.Response(body=body, content_type="application/json")
