@@ -175,7 +175,7 @@ class DecisionLog:
         static = self._static
         lines: list[bytes] = []
         append = lines.append
-        second, head = -1, b""
+        second, next_second, head = 0, 0.0, b""
         for ts, broker, hook, request, target, decision in events:
             verdict = decision.verdict
             # The entry holds the verdict, so no other object can have its id while the entry lives.
@@ -188,8 +188,9 @@ class DecisionLog:
                 or entry[4] != hook
             ):
                 entry = self._remember(broker, hook, request, target, decision)
-            if int(ts) != second:
+            if ts >= next_second or ts < second:  # events are in time order, but the wall clock may step back
                 second = int(ts)
+                next_second = second + 1.0
                 head = b'{"time":"%s.' % time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)).encode()
             append(
                 _LINE
@@ -197,7 +198,7 @@ class DecisionLog:
                     head,
                     (ts - second) * 1e6,
                     entry[5],
-                    _CACHE_STATUS.get(decision.cache) or orjson.dumps(decision.cache),
+                    _CACHE_STATUS[decision.cache],
                     decision.latency_us,
                 )
             )

@@ -84,6 +84,26 @@ def test_one_verdict_met_with_two_targets_writes_each_its_own_channel(tmp_path: 
     assert [e["channel"] for e in lines] == ["telemetry", "alarms", "telemetry"]
 
 
+def test_times_in_the_file_match_the_api_across_seconds_and_a_clock_step_back(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from authhook.decision_log import event_fields
+    from authhook.models import Decision, Target, Verdict
+
+    log = DecisionLog(Path(str(tmp_path)) / "decisions.jsonl")
+    request = make_request("publish", "acme-thermo-1", "m/acme/c/telemetry")
+    verdict = Verdict(True, Reason.CONNECTED, "connected", "inhouse")
+    target = Target("m/acme/c/telemetry", None)
+    start = 1_790_000_000.0
+    times = [start + 0.000001, start + 0.999999, start + 1.0, start + 1.5, start - 3.25, start + 61.0000004]
+    events = [
+        (ts, "emqx", "authz", request, target, Decision(verdict, "hit", 1.0 + i / 3)) for i, ts in enumerate(times)
+    ]
+    lines = log._render(events).decode().splitlines()
+    assert [json.loads(line) for line in lines] == [json.loads(json.dumps(event_fields(*e))) for e in events]
+    assert json.loads(lines[4])["time"] == "2026-09-21T14:13:16.750000+00:00"
+
+
 async def test_the_file_sink_writes_json_lines_that_the_query_filters(demo: PDP) -> None:
     await demo.authorize(make_request("publish", "acme-thermo-1", "m/acme/c/telemetry"))
     await demo.authorize(make_request("publish", "acme-thermo-1", "m/acme/c/alarms"))
