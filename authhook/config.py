@@ -55,7 +55,7 @@ class HttpSettings(BaseModel):
         ge=0,
         description="`serve` only: allocations between young-generation garbage collections (Python's default "
         "is 700; 0 leaves it). The decision log keeps each decision alive for a while, and at 700 the collector "
-        "walks them again and again under load (~1 % of a cache-hit request)",
+        "walks them again and again under load (~0.5 % of a cache-hit request)",
     )
 
 
