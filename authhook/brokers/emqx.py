@@ -119,13 +119,6 @@ def answer(decision: Decision, settings: Settings, *, authn: bool) -> dict[str, 
 _AUTHZ_ALLOW = orjson.dumps({"result": "allow"})  # the answer to nearly every authz call, written once
 
 
-def authz_body(decision: Decision, settings: Settings) -> bytes:
-    """``answer`` for authz, serialized; the allow (most calls) without building or writing anything."""
-    if decision.verdict.allowed:
-        return _AUTHZ_ALLOW
-    return orjson.dumps(answer(decision, settings, authn=False))
-
-
 # -- routes -------------------------------------------------------------------------------------------
 
 
@@ -170,7 +163,7 @@ def add_routes(routes: web.RouteTableDef, pdp: PDP, settings: Settings) -> None:
             decision = pdp.cached(authz_req, broker=BROKER, hook="authz", key=key) or await pdp.authorize(
                 authz_req, broker=BROKER, hook="authz", key=key
             )
-        body = _AUTHZ_ALLOW if decision.verdict.allowed else authz_body(decision, settings)
+        body = _AUTHZ_ALLOW if decision.verdict.allowed else orjson.dumps(answer(decision, settings, authn=False))
         return web.Response(body=body, content_type="application/json")
 
     routes.post("/emqx/authn")(authn)
