@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from time import perf_counter
@@ -219,24 +218,25 @@ class PDP:
         self, request: AuthzRequest, *, broker: str = "library", hook: str = "authorize", key: CacheKey | None = None
     ) -> Decision:
         """May this subject publish/subscribe/connect? Never raises; always logged. ``key``: see ``cached``."""
+        cache = self.cache
+        if key is None and cache is not None:
+            key = request_cache_key(request)  # once, for the lookup and, on a miss, for storing the answer
         hit = self.cached(request, broker=broker, hook=hook, key=key)
         if hit is not None:
             return hit
-        started = time.perf_counter()
-        cache = self.cache
+        started = perf_counter()
         target = self.resolve(request)
         if isinstance(target, Verdict):
-            decision = Decision(target, "bypass", (time.perf_counter() - started) * 1e6)
+            decision = Decision(target, "bypass", (perf_counter() - started) * 1e6)
             self.decision_log.record(request, None, decision, broker, hook)
             return decision
         status: CacheStatus = "bypass"
         if cache is None:
             verdict = await self._evaluate(request, target)
         else:
-            if key is None:
-                key = request_cache_key(request)
+            assert key is not None
             verdict, status = await cache.get_or_evaluate(key, target, lambda: self._evaluate(request, target))
-        decision = Decision(verdict, status, (time.perf_counter() - started) * 1e6)
+        decision = Decision(verdict, status, (perf_counter() - started) * 1e6)
         self.decision_log.record(request, target, decision, broker, hook)
         return decision
 
@@ -251,7 +251,7 @@ class PDP:
         hook: str = "connect",
     ) -> Decision:
         """CONNECT: check the secret (client) or password (user), then whether the subject may connect."""
-        started = time.perf_counter()
+        started = perf_counter()
         verdict: Verdict
         request = AuthzRequest(
             subject=Subject(username=_safe_identity(username), client_id=_safe_identity(client_id), peer=peer),
@@ -261,7 +261,7 @@ class PDP:
             verdict = await self._authenticate(username, password, client_id, request)
         except Exception as exc:
             verdict = self._failure(exc)
-        decision = Decision(verdict, "bypass", (time.perf_counter() - started) * 1e6)
+        decision = Decision(verdict, "bypass", (perf_counter() - started) * 1e6)
         self.decision_log.record(request, None, decision, broker, hook)
         return decision
 
@@ -296,12 +296,12 @@ class PDP:
 
     async def explain(self, request: AuthzRequest) -> Explanation:
         """The decision as the evaluator reaches it now (no cache), with every step it took."""
-        started = time.perf_counter()
+        started = perf_counter()
         steps: list[str] = []
         target = self.resolve(request)
         if isinstance(target, Verdict):
             steps.append(target.detail)
-            return Explanation(Decision(target, "bypass", (time.perf_counter() - started) * 1e6), steps)
+            return Explanation(Decision(target, "bypass", (perf_counter() - started) * 1e6), steps)
         if target.shared_group is not None:
             steps.append(f"shared subscription group `{target.shared_group}` stripped: `{target.topic}`")
         address = target.address
@@ -311,7 +311,7 @@ class PDP:
                 + (f", subtopic `{address.subtopic}`" if address.subtopic else "")
             )
         verdict = await self._evaluate(request, target, steps)
-        return Explanation(Decision(verdict, "bypass", (time.perf_counter() - started) * 1e6), steps)
+        return Explanation(Decision(verdict, "bypass", (perf_counter() - started) * 1e6), steps)
 
     # -- internals ------------------------------------------------------------------------------
     def resolve(self, request: AuthzRequest) -> Target | Verdict:
