@@ -59,11 +59,16 @@ class DecisionEvent:
 _iso_second: list[Any] = [-1, ""]  # (epoch second, its ISO text): events come in bursts within one second
 
 
+def iso_second(second: int) -> str:
+    """``2026-11-22T01:51:16``: the part of a log line's time both ``iso_time`` and the file sink share."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+
+
 def iso_time(ts: float) -> str:
     """``2026-11-22T01:51:16.123456+00:00``, formatting the date part once per second (~0.3 µs, not 1.5)."""
     second = int(ts)
     if second != _iso_second[0]:
-        _iso_second[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))]
+        _iso_second[:] = [second, iso_second(second)]
     return f"{_iso_second[1]}.{int((ts - second) * 1_000_000):06d}+00:00"
 
 
@@ -191,7 +196,7 @@ class DecisionLog:
             if ts >= next_second or ts < second:  # events are in time order, but the wall clock may step back
                 second = int(ts)
                 next_second = second + 1.0
-                head = b'{"time":"%s.' % time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)).encode()
+                head = b'{"time":"%s.' % iso_second(second).encode()
             append(
                 _LINE
                 % (
