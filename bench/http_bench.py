@@ -450,17 +450,14 @@ def main() -> None:
         pairs = zip(results["authhook"], results["baseline"], strict=True)
         paired = [a.requests_per_s / b.requests_per_s for a, b in pairs]
         print(f"per-round ratios: {', '.join(f'{r:.3f}' for r in paired)} (median {statistics.median(paired):.3f})")
-        cpu = {
-            name: statistics.median(costs)
+        costs = {
+            name: measured
             for name, rs in results.items()
-            if (costs := [r.server_cpu_us_per_request for r in rs if r.server_cpu_us_per_request is not None])
+            if (measured := [r.server_cpu_us_per_request for r in rs if r.server_cpu_us_per_request is not None])
         }
-        least = {
-            name: min(costs)
-            for name, rs in results.items()
-            if (costs := [r.server_cpu_us_per_request for r in rs if r.server_cpu_us_per_request is not None])
-        }
-        if len(cpu) == 2 and len(least) == 2:
+        cpu = {name: statistics.median(measured) for name, measured in costs.items()}
+        least = {name: min(measured) for name, measured in costs.items()}
+        if len(costs) == 2:
             print(
                 f"server CPU per request (median): bare {cpu['baseline']:.1f} µs, authhook {cpu['authhook']:.1f} µs; "
                 f"ratio {cpu['baseline'] / cpu['authhook']:.3f}"
