@@ -2,8 +2,9 @@
 
 ``record`` is on the hot path of every decision, so it only appends references to a ring buffer and a
 pending list (~0.2 µs); turning them into JSON happens when the file sink flushes (a background task in
-the server, ``close`` elsewhere) or when someone queries. Requests carry no secrets - passwords never
-enter ``AuthzRequest`` - so nothing here can leak one.
+the server, ``close`` elsewhere) or when someone queries. It takes a decision's parts (verdict, cache
+status, latency) rather than a ``Decision``, so a cache hit need not build one. Requests carry no
+secrets - passwords never enter ``AuthzRequest`` - so nothing here can leak one.
 
 If the file sink falls behind by more than ``max_pending`` events, the oldest pending ones are dropped
 and counted in ``dropped`` (and the drop is written to the file as its own line): a slow disk must not
@@ -28,7 +29,7 @@ from typing import Any
 
 import orjson
 
-from authhook.models import AuthzRequest, Decision, Target, Verdict
+from authhook.models import AuthzRequest, CacheStatus, Decision, Target, Verdict
 
 log = logging.getLogger("authhook.decision_log")
 
@@ -37,7 +38,8 @@ DEFAULT_MAX_PENDING = 200_000
 DEFAULT_FLUSH_INTERVAL_S = 0.2
 _SLICE = 128  # events serialized per event-loop turn (~1 ms here)
 
-_Raw = tuple[float, str, str, AuthzRequest, "Target | None", Decision]
+# (time, broker, hook, request, target, verdict, cache status, latency in µs)
+_Raw = tuple[float, str, str, AuthzRequest, "Target | None", Verdict, CacheStatus, float]
 
 
 @dataclass(slots=True)
@@ -51,9 +53,24 @@ class DecisionEvent:
     target: Target | None
     decision: Decision
 
+    @classmethod
+    def from_raw(cls, raw: _Raw) -> DecisionEvent:
+        ts, broker, hook, request, target, verdict, cache, latency_us = raw
+        return cls(ts, broker, hook, request, target, Decision(verdict, cache, latency_us))
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON shape of the log line and of ``GET /v1/decisions``."""
-        return event_fields(self.ts, self.broker, self.hook, self.request, self.target, self.decision)
+        decision = self.decision
+        return event_fields(
+            self.ts,
+            self.broker,
+            self.hook,
+            self.request,
+            self.target,
+            decision.verdict,
+            decision.cache,
+            decision.latency_us,
+        )
 
 
 _iso_second: list[Any] = [-1, ""]  # (epoch second, its ISO text): events come in bursts within one second
@@ -80,12 +97,18 @@ _LINE = b'%s%06d+00:00",%s,"cache":%s,"latency_us":%.2f}\n'
 
 
 def event_fields(
-    ts: float, broker: str, hook: str, request: AuthzRequest, target: Target | None, decision: Decision
+    ts: float,
+    broker: str,
+    hook: str,
+    request: AuthzRequest,
+    target: Target | None,
+    verdict: Verdict,
+    cache: CacheStatus,
+    latency_us: float,
 ) -> dict[str, Any]:
-    """One decision as the flat mapping the log file and the API carry. Runs once per decision."""
+    """One decision as the flat mapping the log file and the API carry."""
     subject = request.subject
     address = target.address if target is not None else None
-    verdict = decision.verdict
     return {
         "time": iso_time(ts),
         "broker": broker,
@@ -105,9 +128,9 @@ def event_fields(
         "detail": verdict.detail,
         "decided_by": verdict.decided_by,
         "evaluator": verdict.evaluator,
-        "cache": decision.cache,
+        "cache": cache,
         "revision": verdict.revision,
-        "latency_us": round(decision.latency_us, 2),
+        "latency_us": round(latency_us, 2),
     }
 
 
@@ -134,15 +157,24 @@ class DecisionLog:
         self._static: dict[int, tuple[AuthzRequest, Target | None, Verdict, str, str, bytes]] = {}
         self.dropped = 0
 
-    def record(self, request: AuthzRequest, target: Target | None, decision: Decision, broker: str, hook: str) -> None:
-        event = (time.time(), broker, hook, request, target, decision)
+    def record(
+        self,
+        request: AuthzRequest,
+        target: Target | None,
+        verdict: Verdict,
+        cache: CacheStatus,
+        latency_us: float,
+        broker: str,
+        hook: str,
+    ) -> None:
+        event = (time.time(), broker, hook, request, target, verdict, cache, latency_us)
         self._ring.append(event)
         if self.path is not None:
             self._pending.append(event)
             self._recorded += 1
 
     def recent(self) -> list[DecisionEvent]:
-        return [DecisionEvent(*raw) for raw in self._ring]
+        return [DecisionEvent.from_raw(raw) for raw in self._ring]
 
     # -- file sink ------------------------------------------------------------------------------
     def _take_batch(self) -> tuple[deque[_Raw], int]:
@@ -181,8 +213,7 @@ class DecisionLog:
         lines: list[bytes] = []
         append = lines.append
         second, next_second, head = 0, 0.0, b""
-        for ts, broker, hook, request, target, decision in events:
-            verdict = decision.verdict
+        for ts, broker, hook, request, target, verdict, cache, latency_us in events:
             # The entry holds the verdict, so no other object can have its id while the entry lives.
             entry = static.get(id(verdict))
             if (
@@ -192,7 +223,7 @@ class DecisionLog:
                 or entry[3] != broker
                 or entry[4] != hook
             ):
-                entry = self._remember(broker, hook, request, target, decision)
+                entry = self._remember(broker, hook, request, target, verdict)
             if ts >= next_second or ts < second:  # events are in time order, but the wall clock may step back
                 second = int(ts)
                 next_second = second + 1.0
@@ -203,23 +234,23 @@ class DecisionLog:
                     head,
                     (ts - second) * 1e6,
                     entry[5],
-                    _CACHE_STATUS[decision.cache],
-                    decision.latency_us,
+                    _CACHE_STATUS[cache],
+                    latency_us,
                 )
             )
         return b"".join(lines)
 
     def _remember(
-        self, broker: str, hook: str, request: AuthzRequest, target: Target | None, decision: Decision
+        self, broker: str, hook: str, request: AuthzRequest, target: Target | None, verdict: Verdict
     ) -> tuple[AuthzRequest, Target | None, Verdict, str, str, bytes]:
         """Serialize the static part of a line and keep it for the next events with the same objects."""
-        fields = event_fields(0.0, broker, hook, request, target, decision)
+        fields = event_fields(0.0, broker, hook, request, target, verdict, "hit", 0.0)
         for dynamic in ("time", "cache", "latency_us"):
             del fields[dynamic]
         if len(self._static) >= _STATIC_MAX:
             self._static.clear()
-        entry = (request, target, decision.verdict, broker, hook, _dumps(fields)[1:-1])
-        self._static[id(decision.verdict)] = entry
+        entry = (request, target, verdict, broker, hook, _dumps(fields)[1:-1])
+        self._static[id(verdict)] = entry
         return entry
 
     def flush(self) -> None:

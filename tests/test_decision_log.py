@@ -69,7 +69,7 @@ async def test_each_line_in_the_file_is_the_event_the_api_shows(demo: PDP) -> No
 def test_one_verdict_met_with_two_targets_writes_each_its_own_channel(tmp_path: object) -> None:
     from pathlib import Path
 
-    from authhook.models import Decision, Target, Verdict
+    from authhook.models import Target, Verdict
     from authhook.topics import ChannelAddress
 
     log = DecisionLog(Path(str(tmp_path)) / "decisions.jsonl")
@@ -77,7 +77,7 @@ def test_one_verdict_met_with_two_targets_writes_each_its_own_channel(tmp_path: 
     verdict = Verdict(True, Reason.CONNECTED, "connected", "inhouse")
     for channel in ("telemetry", "alarms", "telemetry"):
         target = Target("m/acme/c/" + channel, ChannelAddress("acme", channel, ""))
-        log.record(request, target, Decision(verdict, "hit", 1.0), "emqx", "authz")
+        log.record(request, target, verdict, "hit", 1.0, "emqx", "authz")
     log.flush()
     assert log.path is not None
     lines = [json.loads(line) for line in log.path.read_text().splitlines()]
@@ -88,7 +88,7 @@ def test_times_in_the_file_match_the_api_across_seconds_and_a_clock_step_back(tm
     from pathlib import Path
 
     from authhook.decision_log import event_fields
-    from authhook.models import Decision, Target, Verdict
+    from authhook.models import Target, Verdict
 
     log = DecisionLog(Path(str(tmp_path)) / "decisions.jsonl")
     request = make_request("publish", "acme-thermo-1", "m/acme/c/telemetry")
@@ -96,9 +96,7 @@ def test_times_in_the_file_match_the_api_across_seconds_and_a_clock_step_back(tm
     target = Target("m/acme/c/telemetry", None)
     start = 1_790_000_000.0
     times = [start + 0.000001, start + 0.999999, start + 1.0, start + 1.5, start - 3.25, start + 61.0000004]
-    events = [
-        (ts, "emqx", "authz", request, target, Decision(verdict, "hit", 1.0 + i / 3)) for i, ts in enumerate(times)
-    ]
+    events = [(ts, "emqx", "authz", request, target, verdict, "hit", 1.0 + i / 3) for i, ts in enumerate(times)]
     lines = log._render(events).decode().splitlines()
     assert [json.loads(line) for line in lines] == [json.loads(json.dumps(event_fields(*e))) for e in events]
     assert json.loads(lines[4])["time"] == "2026-09-21T14:13:16.750000+00:00"
@@ -145,7 +143,7 @@ async def test_a_full_pending_queue_drops_the_oldest_and_says_so(demo: PDP, tmp_
     request = make_request("publish", "x", "m/a/c/b")
     decision = await demo.authorize(request)
     for _ in range(5):
-        log.record(request, None, decision, "test", "hook")
+        log.record(request, None, decision.verdict, decision.cache, decision.latency_us, "test", "hook")
     log.flush()
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert len([line for line in lines if "action" in line]) == 2

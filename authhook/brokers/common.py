@@ -11,7 +11,7 @@ import orjson
 from aiohttp import hdrs, web
 
 from authhook.config import Settings
-from authhook.models import Action, Decision, Reason, Subject
+from authhook.models import Action, Decision, Reason, Subject, Verdict
 
 if TYPE_CHECKING:
     from authhook.pdp import PDP
@@ -152,9 +152,9 @@ def refuse(
     )
 
 
-def failed_open(decision: Decision, settings: Settings) -> bool:
+def failed_open(verdict: Verdict, settings: Settings) -> bool:
     """True when a failure should become the broker's "ask someone else" instead of a deny."""
-    return decision.verdict.failed and settings.brokers.on_failure == "ignore"
+    return verdict.failed and settings.brokers.on_failure == "ignore"
 
 
 def json_answer(body: dict[str, Any]) -> web.Response:

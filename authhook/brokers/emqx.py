@@ -29,7 +29,7 @@ from authhook.brokers.common import (
 )
 from authhook.config import Settings
 from authhook.evaluators.base import Grants
-from authhook.models import Action, AuthzRequest, CacheKey, Decision, Subject, request_cache_key
+from authhook.models import Action, AuthzRequest, CacheKey, Subject, Verdict, request_cache_key
 from authhook.pdp import PDP
 from authhook.topics import TopicTemplate
 
@@ -108,12 +108,12 @@ def expire_at(settings: Settings) -> int:
     return int(wall_clock()) + settings.brokers.emqx_acl_ttl_s
 
 
-def answer(decision: Decision, settings: Settings, *, authn: bool) -> dict[str, Any]:
-    if decision.allowed:
+def answer(verdict: Verdict, settings: Settings, *, authn: bool) -> dict[str, Any]:
+    if verdict.allowed:
         return {"result": "allow", "is_superuser": False} if authn else {"result": "allow"}
-    if failed_open(decision, settings):
-        return {"result": "ignore", "reason": decision.reason.value}
-    return {"result": "deny", "reason": decision.reason.value}
+    if failed_open(verdict, settings):
+        return {"result": "ignore", "reason": verdict.reason.value}
+    return {"result": "deny", "reason": verdict.reason.value}
 
 
 _AUTHZ_ALLOW = orjson.dumps({"result": "allow"})  # the answer to nearly every authz call, written once
@@ -138,19 +138,19 @@ def add_routes(routes: web.RouteTableDef, pdp: PDP, settings: Settings) -> None:
                 if grants is not None:  # without a complete list, EMQX keeps asking per PUBLISH/SUBSCRIBE
                     return json_answer(
                         {
-                            **answer(decision, settings, authn=True),
+                            **answer(decision.verdict, settings, authn=True),
                             "expire_at": expire_at(settings),
                             "acl": acl_rules(grants, pdp.template),
                         }
                     )
-        return json_answer(answer(decision, settings, authn=True))
+        return json_answer(answer(decision.verdict, settings, authn=True))
 
     translate_authz = TranslationMemo(keyed_authz_request)
 
     async def authz(request: web.Request) -> web.Response:
         # Called for every PUBLISH and SUBSCRIBE EMQX does not decide itself: the body is read here rather
         # than through ``translate_authz(request)``, the memo hands back the cache key it keeps beside the
-        # request (see ``PDP.cached``), and the allow is answered inline.
+        # request, a hit is taken synchronously (see ``PDP.cached``), and the allow is answered inline.
         try:
             try:
                 raw = await request.read()
@@ -158,12 +158,13 @@ def add_routes(routes: web.RouteTableDef, pdp: PDP, settings: Settings) -> None:
                 raise too_large(request) from None
             authz_req, key = translate_authz.translate(request, raw)
         except Malformed as exc:
-            decision = refuse(pdp, exc, Action.PUBLISH, broker=BROKER, hook="authz")
+            verdict = refuse(pdp, exc, Action.PUBLISH, broker=BROKER, hook="authz").verdict
         else:
-            decision = pdp.cached(authz_req, broker=BROKER, hook="authz", key=key) or await pdp.authorize(
-                authz_req, broker=BROKER, hook="authz", key=key
+            verdict = (
+                pdp.cached(authz_req, broker=BROKER, hook="authz", key=key)
+                or (await pdp.authorize(authz_req, broker=BROKER, hook="authz", key=key)).verdict
             )
-        body = _AUTHZ_ALLOW if decision.verdict.allowed else orjson.dumps(answer(decision, settings, authn=False))
+        body = _AUTHZ_ALLOW if verdict.allowed else orjson.dumps(answer(verdict, settings, authn=False))
         return web.Response(body=body, content_type="application/json")
 
     routes.post("/emqx/authn")(authn)

@@ -21,7 +21,7 @@ from aiohttp import web
 
 from authhook.brokers.common import Malformed, TranslationMemo, read_fields, refuse, text
 from authhook.config import Settings
-from authhook.models import Action, AuthzRequest, Decision, Reason, Subject
+from authhook.models import Action, AuthzRequest, Reason, Subject, Verdict
 from authhook.pdp import PDP
 
 BROKER = "mosquitto-go-auth"
@@ -56,8 +56,7 @@ def acl_requests(data: dict[str, Any]) -> list[AuthzRequest]:
     return [AuthzRequest(subject=subject, action=action, topic=topic) for action in actions]
 
 
-def answer(decision: Decision, mode: str) -> web.Response:
-    verdict = decision.verdict
+def answer(verdict: Verdict, mode: str) -> web.Response:
     status = 200 if verdict.allowed else 503 if verdict.failed else 403
     if mode == "json":
         ok = verdict.allowed
@@ -87,7 +86,7 @@ def add_routes(routes: web.RouteTableDef, pdp: PDP, settings: Settings) -> None:
         except Malformed as exc:
             return malformed(Action.CONNECT, exc, "user")
         decision = await pdp.authenticate(username, password, client_id=clientid, broker=BROKER, hook="user")
-        return answer(decision, mode)
+        return answer(decision.verdict, mode)
 
     async def superuser(request: web.Request) -> web.Response:
         # authhook's model has no superusers: every subject is bound by its tenant's grants.
@@ -103,7 +102,7 @@ def add_routes(routes: web.RouteTableDef, pdp: PDP, settings: Settings) -> None:
             hook="superuser",
             username=username,
         )
-        return answer(decision, mode)
+        return answer(decision.verdict, mode)
 
     translate_acl = TranslationMemo(acl_requests)
 
@@ -112,15 +111,16 @@ def add_routes(routes: web.RouteTableDef, pdp: PDP, settings: Settings) -> None:
             requests = await translate_acl(request)
         except Malformed as exc:
             return malformed(Action.PUBLISH, exc, "acl")
-        decision = None
+        verdict = None
         for authz in requests:  # acc 3 needs both; the first deny answers
-            decision = pdp.cached(authz, broker=BROKER, hook="acl") or await pdp.authorize(
-                authz, broker=BROKER, hook="acl"
+            verdict = (
+                pdp.cached(authz, broker=BROKER, hook="acl")
+                or (await pdp.authorize(authz, broker=BROKER, hook="acl")).verdict
             )
-            if not decision.allowed:
+            if not verdict.allowed:
                 break
-        assert decision is not None
-        return answer(decision, mode)
+        assert verdict is not None
+        return answer(verdict, mode)
 
     routes.post("/mosquitto-go-auth/user")(user)
     routes.post("/mosquitto-go-auth/superuser")(superuser)

@@ -158,10 +158,11 @@ def add_routes(routes: web.RouteTableDef, pdp: PDP, settings: Settings) -> None:
             authz = await translate_topic(request)
         except Malformed as exc:
             return malformed(Action.PUBLISH, exc, "topic")
-        decision = pdp.cached(authz, broker=BROKER, hook="topic") or await pdp.authorize(
-            authz, broker=BROKER, hook="topic"
+        verdict = (
+            pdp.cached(authz, broker=BROKER, hook="topic")
+            or (await pdp.authorize(authz, broker=BROKER, hook="topic")).verdict
         )
-        return word(decision.allowed)
+        return word(verdict.allowed)
 
     for path, handler in (("user", user), ("vhost", vhost_check), ("resource", resource), ("topic", topic)):
         routes.post(f"/rabbitmq/{path}")(handler)

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from authhook.brokers.common import Malformed, failed_open, json_answer, read_fields, refuse, text, translate_fields
 from authhook.config import Settings
-from authhook.models import Action, AuthzRequest, Decision, Subject
+from authhook.models import Action, AuthzRequest, Subject, Verdict
 from authhook.pdp import PDP
 
 BROKER = "vernemq"
@@ -69,23 +69,23 @@ def subscribe_requests(data: dict[str, Any]) -> list[tuple[dict[str, Any], Authz
     return result
 
 
-def answer(decision: Decision, settings: Settings) -> dict[str, Any]:
-    if decision.allowed:
+def answer(verdict: Verdict, settings: Settings) -> dict[str, Any]:
+    if verdict.allowed:
         return {"result": "ok"}
-    if failed_open(decision, settings):
+    if failed_open(verdict, settings):
         return {"result": "next"}
-    return {"result": {"error": decision.reason.value}}
+    return {"result": {"error": verdict.reason.value}}
 
 
 def subscribe_answer(
-    hook: str, entries: list[dict[str, Any]], decisions: list[Decision], settings: Settings
+    hook: str, entries: list[dict[str, Any]], verdicts: list[Verdict], settings: Settings
 ) -> dict[str, Any]:
-    if all(d.allowed for d in decisions):
+    if all(v.allowed for v in verdicts):
         return {"result": "ok"}
-    if any(failed_open(d, settings) for d in decisions):
+    if any(failed_open(v, settings) for v in verdicts):
         return {"result": "next"}
     rejected = REJECTED_QOS[hook]
-    topics = [entry if d.allowed else {**entry, "qos": rejected} for entry, d in zip(entries, decisions, strict=True)]
+    topics = [entry if v.allowed else {**entry, "qos": rejected} for entry, v in zip(entries, verdicts, strict=True)]
     if hook.endswith("_m5"):
         return {"result": "ok", "modifiers": {"topics": topics}}
     return {"result": "ok", "topics": topics}
@@ -104,7 +104,7 @@ def add_routes(routes: web.RouteTableDef, pdp: PDP, settings: Settings) -> None:
         return response
 
     def refused(exc: Malformed, action: Action, hook: str) -> web.Response:
-        return json_answer(answer(refuse(pdp, exc, action, broker=BROKER, hook=hook), settings))
+        return json_answer(answer(refuse(pdp, exc, action, broker=BROKER, hook=hook).verdict, settings))
 
     async def webhook(request: web.Request) -> web.Response:
         hook = request.headers.get("vernemq-hook", "")
@@ -129,18 +129,18 @@ def add_routes(routes: web.RouteTableDef, pdp: PDP, settings: Settings) -> None:
                     broker=BROKER,
                     hook=hook,
                 )
-                return respond(answer(decision, settings))
+                return respond(answer(decision.verdict, settings))
             if hook in PUBLISH_HOOKS:
                 decision = await pdp.authorize(translate_fields(publish_request, data), broker=BROKER, hook=hook)
-                return respond(answer(decision, settings))
+                return respond(answer(decision.verdict, settings))
             pairs = translate_fields(subscribe_requests, data)
         except Malformed as exc:
             return refused(exc, action, hook)
-        decisions = [await pdp.authorize(req, broker=BROKER, hook=hook) for _, req in pairs]
+        verdicts = [(await pdp.authorize(req, broker=BROKER, hook=hook)).verdict for _, req in pairs]
         try:
             # The entries go back as VerneMQ sent them; one it could send but orjson cannot write (nested
             # deeper than orjson's 254 levels) is the broker's deny, not a 500.
-            return respond(subscribe_answer(hook, [entry for entry, _ in pairs], decisions, settings))
+            return respond(subscribe_answer(hook, [entry for entry, _ in pairs], verdicts, settings))
         except orjson.JSONEncodeError:
             return refused(Malformed("a subscription entry cannot be echoed back as json"), action, hook)
 
