@@ -89,11 +89,14 @@ def iso_time(ts: float) -> str:
     return f"{_iso_second[1]}.{int((ts - second) * 1_000_000):06d}+00:00"
 
 
-_CACHE_STATUS = {status: f'"{status}"'.encode() for status in ("hit", "miss", "bypass")}
 _STATIC_MAX = 4096  # verdicts whose line's static part is kept serialized; cleared when full
-# A line after its `{"time":"<date and second>.` head: microseconds (%d truncates the float), the static part,
-# cache status, latency. The same text ``event_fields`` gives, in the same key order.
-_LINE = b'%s%06d+00:00",%s,"cache":%s,"latency_us":%.2f}\n'
+_CHUNK = 512  # lines formatted by one ``%``: bounds the format string's size however long the batch
+# A line, around its static part: the time's date and second, its microseconds (%d truncates the float)
+# and, after the static part, the latency. The same text ``event_fields`` gives.
+_TEMPLATE_HEAD = b'{"time":"%s.%06d+00:00",'
+_TEMPLATE_TAIL = b',"cache":"%s","latency_us":%%.2f}\n'
+
+_Entry = tuple[AuthzRequest, "Target | None", Verdict, str, str, bytes, dict[str, bytes]]
 
 
 def event_fields(
@@ -154,7 +157,7 @@ class DecisionLog:
         self._flush_interval = flush_interval
         self._task: asyncio.Task[None] | None = None
         self._recorded = 0  # events appended to _pending since the last flush
-        self._static: dict[int, tuple[AuthzRequest, Target | None, Verdict, str, str, bytes]] = {}
+        self._static: dict[int, _Entry] = {}
         self.dropped = 0
 
     def record(
@@ -198,9 +201,13 @@ class DecisionLog:
     def _render(self, events: Iterable[_Raw]) -> bytes:
         """The JSON lines for ``events``, each ending in a newline.
 
-        This runs once per decision, on the same CPU as the decisions, so it is written as one loop with
-        nothing called per line but a dict lookup and one bytes format: under callgrind a line costs ~7,500
-        instructions, against ~13,300 through a method per line (~5 % of a cache-hit HTTP round trip).
+        This runs once per decision, on the same CPU as the decisions, so it does as little per line as it
+        can: a dict lookup, and a place in one ``%`` format that writes a whole chunk of lines. Each line's
+        template (its static part, with every ``%`` in it doubled) goes into the chunk's format string and
+        its time and latency into the arguments, so Python dispatches one format per chunk rather than one
+        per line. Under callgrind a line costs ~6,400 instructions, against ~7,400 formatted one by one and
+        ~13,300 through a method per line (a cache-hit HTTP round trip is ~250,000). The time's second is
+        kept as a float: comparing or subtracting a float and an int costs a conversion each time.
 
         Everything but time, cache and latency depends only on (request, target, verdict, broker, hook);
         a broker repeating a question on a cached answer brings the very same objects again, so that part
@@ -210,46 +217,44 @@ class DecisionLog:
         bookkeeping would cost more than the line itself.
         """
         static = self._static
-        lines: list[bytes] = []
-        append = lines.append
-        second, next_second, head = 0, 0.0, b""
-        for ts, broker, hook, request, target, verdict, cache, latency_us in events:
-            # The entry holds the verdict, so no other object can have its id while the entry lives.
-            entry = static.get(id(verdict))
-            if (
-                entry is None
-                or entry[0] is not request
-                or entry[1] is not target
-                or entry[3] != broker
-                or entry[4] != hook
-            ):
-                entry = self._remember(broker, hook, request, target, verdict)
-            if ts >= next_second or ts < second:  # events are in time order, but the wall clock may step back
-                second = int(ts)
-                next_second = second + 1.0
-                head = b'{"time":"%s.' % iso_second(second).encode()
-            append(
-                _LINE
-                % (
-                    head,
-                    (ts - second) * 1e6,
-                    entry[5],
-                    _CACHE_STATUS[cache],
-                    latency_us,
-                )
-            )
-        return b"".join(lines)
+        chunks: list[bytes] = []
+        second, next_second, date_and_second = 0.0, 0.0, b""  # floats: comparing a float with an int costs more
+        events = events if isinstance(events, list) else list(events)
+        for start in range(0, len(events), _CHUNK):
+            templates: list[bytes] = []
+            values: list[object] = []
+            add_template, add_values = templates.append, values.extend
+            for ts, broker, hook, request, target, verdict, cache, latency_us in events[start : start + _CHUNK]:
+                # The entry holds the verdict, so no other object can have its id while the entry lives.
+                entry = static.get(id(verdict))
+                if (
+                    entry is None
+                    or entry[0] is not request
+                    or entry[1] is not target
+                    or entry[3] != broker
+                    or entry[4] != hook
+                ):
+                    entry = self._remember(broker, hook, request, target, verdict)
+                if ts >= next_second or ts < second:  # in time order, but the wall clock may step back
+                    second = float(int(ts))
+                    next_second = second + 1.0
+                    date_and_second = iso_second(int(ts)).encode()
+                add_template(entry[6].get(cache) or _template(entry, cache))
+                add_values((date_and_second, (ts - second) * 1e6, latency_us))
+            chunks.append(b"".join(templates) % tuple(values))
+        return b"".join(chunks)
 
     def _remember(
         self, broker: str, hook: str, request: AuthzRequest, target: Target | None, verdict: Verdict
-    ) -> tuple[AuthzRequest, Target | None, Verdict, str, str, bytes]:
+    ) -> _Entry:
         """Serialize the static part of a line and keep it for the next events with the same objects."""
         fields = event_fields(0.0, broker, hook, request, target, verdict, "hit", 0.0)
         for dynamic in ("time", "cache", "latency_us"):
             del fields[dynamic]
         if len(self._static) >= _STATIC_MAX:
             self._static.clear()
-        entry = (request, target, verdict, broker, hook, _dumps(fields)[1:-1])
+        # Doubled, every % in the request's text (a topic may hold one) is literal to the format.
+        entry: _Entry = (request, target, verdict, broker, hook, _dumps(fields)[1:-1].replace(b"%", b"%%"), {})
         self._static[id(verdict)] = entry
         return entry
 
@@ -287,6 +292,12 @@ class DecisionLog:
                 await self._task
             self._task = None
         self.flush()
+
+
+def _template(entry: _Entry, cache: str) -> bytes:
+    """A line's format for this entry and cache status, made once per pair and kept in the entry."""
+    template = entry[6][cache] = _TEMPLATE_HEAD + entry[5] + _TEMPLATE_TAIL % cache.encode()
+    return template
 
 
 def _dumps(fields: dict[str, Any]) -> bytes:

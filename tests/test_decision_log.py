@@ -6,6 +6,8 @@ import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from authhook import PDP, Reason, make_request
 from authhook.decision_log import DecisionFilter, DecisionLog, parse_since, read_events
@@ -100,6 +102,50 @@ def test_times_in_the_file_match_the_api_across_seconds_and_a_clock_step_back(tm
     lines = log._render(events).decode().splitlines()
     assert [json.loads(line) for line in lines] == [json.loads(json.dumps(event_fields(*e))) for e in events]
     assert json.loads(lines[4])["time"] == "2026-09-21T14:13:16.750000+00:00"
+
+
+# Text a format string would read as directives, and text JSON must escape.
+_AWKWARD = ["%", "s", "d", "(", ")", "x", '"', "\\", "é", "2", "."]
+_AWKWARD_TEXT = st.text(alphabet=st.sampled_from([*_AWKWARD, "/"]))
+_AWKWARD_NAMES = st.text(alphabet=st.sampled_from(_AWKWARD), min_size=1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lines=st.lists(
+        st.tuples(
+            st.integers(0, 3),  # which of four requests
+            st.sampled_from(["hit", "miss", "bypass"]),
+            st.floats(0, 5_000, allow_nan=False),  # latency, µs
+            st.floats(-2.0, 2.0, allow_nan=False),  # time step from the previous event, s (back included)
+        ),
+        min_size=1,
+        max_size=1_200,  # more than one format chunk
+    ),
+    usernames=st.lists(_AWKWARD_NAMES, min_size=4, max_size=4),
+    topic_tail=_AWKWARD_TEXT,
+)
+def test_each_line_in_the_file_is_the_event_the_api_gives(
+    lines: list[tuple[int, str, float, float]], usernames: list[str], topic_tail: str
+) -> None:
+    """Usernames and topics full of ``%``: the file's chunked format must still write exactly each event."""
+    from authhook.decision_log import event_fields
+    from authhook.models import Action, AuthzRequest, Subject, Target, Verdict
+
+    log = DecisionLog(None)
+    requests = [
+        AuthzRequest(subject=Subject(username=name), action=Action.PUBLISH, topic="m/a/c/b/" + topic_tail)
+        for name in usernames
+    ]
+    verdicts = [Verdict(i % 2 == 0, Reason.CONNECTED, f"{i}% sure", "inhouse") for i in range(4)]
+    target = Target("m/a/c/b/" + topic_tail, None)
+    ts = 1_790_000_000.0
+    events = []
+    for which, cache, latency, step in lines:
+        ts += step
+        events.append((ts, "emqx", "authz", requests[which], target, verdicts[which], cache, latency))
+    written = log._render(events).decode().splitlines()
+    assert [json.loads(line) for line in written] == [json.loads(json.dumps(event_fields(*e))) for e in events]
 
 
 async def test_the_file_sink_writes_json_lines_that_the_query_filters(demo: PDP) -> None:
