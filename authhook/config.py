@@ -102,6 +102,15 @@ class WebhookSettings(BaseModel):
     header: str = "x-authhook-token"
     query_param: str = "token"
 
+    @field_validator("token")
+    @classmethod
+    def _header_safe(cls, value: SecretStr | None) -> SecretStr | None:
+        # It travels in a header or a URL, and the edge compares it as ASCII text (no encoding per request).
+        text = value.get_secret_value() if value is not None else None
+        if text is not None and not (text and all("!" <= c <= "~" for c in text)):
+            raise ValueError("the webhook token must be printable ASCII without spaces")  # never echo the value
+        return value
+
 
 class BrokerSettings(BaseModel):
     """Per-broker answer options; the defaults are the safe ones."""

@@ -62,6 +62,16 @@ def last_event(pdp: PDP) -> dict[str, Any]:
 
 # -- webhook protection -------------------------------------------------------------------------------
 
+# No token, a wrong one, and the right one with a non-ASCII letter added (compared as text, it must not raise),
+# in the header and in the query string.
+WRONG_TOKENS = (
+    ({}, ""),
+    ({"x-authhook-token": "wrong"}, ""),
+    ({}, "?token=wrong"),
+    ({"x-authhook-token": TOKEN + "é"}, ""),
+    ({}, f"?token={TOKEN}%C3%A9"),
+)
+
 
 @pytest.mark.parametrize(
     "path",
@@ -77,7 +87,7 @@ def last_event(pdp: PDP) -> dict[str, Any]:
     ],
 )
 async def test_without_the_token_a_caller_gets_401_and_learns_nothing(client: Client, path: str) -> None:
-    for headers, query in (({}, ""), ({"x-authhook-token": "wrong"}, ""), ({}, "?token=wrong")):
+    for headers, query in WRONG_TOKENS:
         response = await client.post(path + query, data=b"{}", headers=headers)
         assert response.status == 401
         assert await response.json() == {"error": "unauthorized"}
@@ -89,8 +99,8 @@ async def test_a_wrong_method_or_unknown_path_under_a_broker_prefix_is_401_witho
     client: Client, path: str
 ) -> None:
     """Without the token nobody learns which broker paths exist or which methods they take. The check that
-    answers here (``Edge.admitted``) is a second copy of the one on the routes: the same three wrong forms."""
-    for headers, query in (({}, ""), ({"x-authhook-token": "wrong"}, ""), ({}, "?token=wrong")):
+    answers here (``Edge.admitted``) is a second copy of the one on the routes: the same wrong forms."""
+    for headers, query in WRONG_TOKENS:
         for method in ("GET", "PUT", "DELETE", "POST"):
             response = await client.request(method, path + query, data=b"{}", headers=headers)
             assert (response.status, await response.json()) == (401, {"error": "unauthorized"}), (method, query)

@@ -57,6 +57,13 @@ def test_bad_config_is_a_clear_error(tmp_path: Path, content: str, message: str)
         load_settings(config)
 
 
+@pytest.mark.parametrize("token", ["s3cret with space", "s3cret-tökén", "", "s3cret\ttab"])
+def test_a_webhook_token_that_is_not_printable_ascii_is_refused_without_echoing_it(token: str) -> None:
+    with pytest.raises(ConfigError, match="printable ASCII") as refused:
+        load_settings(webhook={"token": token})
+    assert token not in str(refused.value) or token == ""
+
+
 def test_unsupported_store_urls_are_refused() -> None:
     from authhook.store import create_store
 
