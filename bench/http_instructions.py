@@ -95,6 +95,7 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--python", default=str(hb.DEFAULT_PYTHON if hb.DEFAULT_PYTHON.exists() else sys.executable))
     parser.add_argument("--json", type=Path, help="also write the results here as JSON")
+    parser.add_argument("--keep", type=Path, help="copy both callgrind profiles here, for callgrind_annotate")
     args = parser.parse_args()
     args.threads = 1
     for tool in ("valgrind", "callgrind_control", "callgrind_annotate", "wrk"):
@@ -117,6 +118,9 @@ def main() -> None:
                 results[name] = measure(server, outfile, token, args)
             finally:
                 server.stop()
+            if args.keep is not None:
+                args.keep.mkdir(parents=True, exist_ok=True)
+                shutil.copy(outfile, args.keep / outfile.name)
             r = results[name]
             print(
                 f"{name:8} {r['per_request']:9,.0f} instructions/request "
