@@ -181,6 +181,28 @@ def test_a_truncated_line_does_not_hide_the_rest() -> None:
     assert len(list(read_events(['{"action": "pub', good, ""], DecisionFilter()))) == 1
 
 
+def test_recent_events_are_the_latest_in_order_whether_written_to_the_file_or_still_pending(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from authhook.models import Verdict
+
+    log = DecisionLog(Path(str(tmp_path)) / "decisions.jsonl", ring_size=3)
+    verdict = Verdict(True, Reason.CONNECTED, "connected", "inhouse")
+
+    def record(topic: str) -> None:
+        log.record(make_request("publish", "x", f"m/a/c/{topic}"), None, verdict, "hit", 1.0, "test", "hook")
+
+    record("one")
+    record("two")
+    log.flush()
+    record("three")
+    record("four")
+    assert [e.request.topic for e in log.recent()] == ["m/a/c/two", "m/a/c/three", "m/a/c/four"]
+    log.flush()
+    assert [e.request.topic for e in log.recent()] == ["m/a/c/two", "m/a/c/three", "m/a/c/four"]
+    assert log.path is not None and len(log.path.read_text().splitlines()) == 4
+
+
 async def test_a_full_pending_queue_drops_the_oldest_and_says_so(demo: PDP, tmp_path: object) -> None:
     from pathlib import Path
 
