@@ -18,6 +18,7 @@ import orjson
 from aiohttp import web
 
 from authhook.brokers.common import (
+    JSON_HEADERS,
     Malformed,
     TranslationMemo,
     failed_open,
@@ -165,7 +166,7 @@ def add_routes(routes: web.RouteTableDef, pdp: PDP, settings: Settings) -> None:
                 or (await pdp.authorize(authz_req, broker=BROKER, hook="authz", key=key)).verdict
             )
         body = _AUTHZ_ALLOW if verdict.allowed else orjson.dumps(answer(verdict, settings, authn=False))
-        return web.Response(body=body, content_type="application/json")
+        return web.Response(body=body, headers=JSON_HEADERS)
 
     routes.post("/emqx/authn")(authn)
     routes.post("/emqx/authz")(authz)
