@@ -146,7 +146,7 @@ def add_routes(routes: web.RouteTableDef, pdp: PDP, settings: Settings) -> None:
                     )
         return json_answer(answer(decision.verdict, settings, authn=True))
 
-    translate_authz = TranslationMemo(keyed_authz_request)
+    translate_authz = TranslationMemo(keyed_authz_request, post_only=True)  # the route below is POST only
 
     async def authz(request: web.Request) -> web.Response:
         # Called for every PUBLISH and SUBSCRIBE EMQX does not decide itself: the body is read here rather
