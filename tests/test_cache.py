@@ -141,6 +141,30 @@ async def test_denials_expire_sooner_than_allows() -> None:
     assert cache.get("a") is None
 
 
+async def test_a_full_cache_evicts_the_entry_hit_longest_ago_to_the_second() -> None:
+    """Hits refresh an entry's place in the LRU order at most once per ``RECENCY_GRAIN_S``."""
+    from authhook.cache import RECENCY_GRAIN_S
+
+    clock = FakeClock()
+    cache = DecisionCache(RevisionBoard(), maxsize=3, clock=clock)
+
+    async def allow() -> Verdict:
+        return _verdict(True)
+
+    for key in ("a", "b", "c"):
+        await cache.get_or_evaluate(key, TARGET, allow)
+    clock.now += RECENCY_GRAIN_S
+    assert cache.get("a") is not None  # a second on: "a" moves to the young end, "b" is now the oldest
+    await cache.get_or_evaluate("d", TARGET, allow)
+    assert [k for k in ("a", "b", "c", "d") if cache.get(k) is not None] == ["a", "c", "d"]
+
+    clock.now += RECENCY_GRAIN_S / 2
+    assert cache.get("c") is not None  # "c" was refreshed by the check above, under a second ago: no move
+    await cache.get_or_evaluate("e", TARGET, allow)
+    assert cache.get("a") is None  # refreshed longest ago, so first out
+    assert all(cache.get(k) is not None for k in ("c", "d", "e"))
+
+
 async def test_concurrent_identical_misses_are_evaluated_once() -> None:
     cache = DecisionCache(RevisionBoard())
     calls = 0
