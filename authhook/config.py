@@ -145,6 +145,127 @@ class BrokerSettings(BaseModel):
     )
 
 
+class ClientIdTenantSettings(BaseModel):
+    """One tenant's client-id rule, overriding ``client_ids.policy`` (see ``ClientIdSettings``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    policy: Literal["exact", "prefixed", "pattern"] = "prefixed"
+    pattern: str | None = Field(
+        default=None,
+        description="for policy `pattern`: a regular expression the whole client id must match; `{username}` "
+        "stands for the connecting username, escaped",
+    )
+
+    @model_validator(mode="after")
+    def _pattern_compiles(self) -> ClientIdTenantSettings:
+        if self.policy == "pattern":
+            if not self.pattern:
+                raise ValueError("client-id policy `pattern` needs a `pattern`")
+            import re
+
+            try:
+                re.compile(self.pattern.replace("{username}", "u"))
+            except re.error as exc:
+                raise ValueError(f"client-id pattern does not compile: {exc}") from None
+        return self
+
+
+class ClientIdSettings(BaseModel):
+    """Which MQTT client ids a subject may connect with: client ids are part of the tenant boundary.
+
+    A broker keys sessions, queued messages and queues (RabbitMQ's ``mqtt-subscription-<clientid>qos1``) on
+    the client id, so whoever connects with a client id takes over that session. The owner of a client id is
+    the subject with the longest id ``u`` such that the client id is ``u`` or ``u`` + a separator + more;
+    nobody else may use it, under any policy. ``exact`` also requires the client id to be the username,
+    ``prefixed`` (the default) allows a suffix, ``pattern`` requires a per-tenant regular expression.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    policy: Literal["exact", "prefixed", "pattern"] = "prefixed"
+    separators: str = Field(default=":-_", min_length=1, description="characters that may follow the username")
+    pattern: str | None = None
+    tenants: dict[str, ClientIdTenantSettings] = Field(default_factory=dict)
+    allow_takeover: bool = Field(
+        default=False,
+        description="let a second subject connect with a client id another subject's live session holds "
+        "(only reachable with a `pattern` policy); off, that CONNECT is refused",
+    )
+
+    @field_validator("separators")
+    @classmethod
+    def _separators_safe(cls, value: str) -> str:
+        if any(c in "+#/\x00" for c in value):
+            raise ValueError("client-id separators cannot include `+`, `#`, `/` or NUL")
+        return value
+
+    @model_validator(mode="after")
+    def _default_pattern(self) -> ClientIdSettings:
+        ClientIdTenantSettings(policy=self.policy, pattern=self.pattern)  # same checks for the default
+        return self
+
+
+class BrokerApiCredentials(BaseModel):
+    """Where a broker's management API is and how to log in; the secret comes from the environment or a file.
+
+    ``secret`` is never logged (``SecretStr``); ``secret_file`` is read at start, its content stripped.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    url: str
+    username: str | None = Field(default=None, description="RabbitMQ user, EMQX API key, VerneMQ API key")
+    secret: SecretStr | None = Field(default=None, description="RabbitMQ password / EMQX API secret")
+    secret_file: Path | None = None
+
+    def resolved_secret(self) -> str | None:
+        if self.secret is not None:
+            return self.secret.get_secret_value()
+        if self.secret_file is not None:
+            try:
+                return self.secret_file.read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"cannot read secret file `{self.secret_file}`: {exc.strerror}") from exc
+        return None
+
+
+class EmqxApiSettings(BrokerApiCredentials):
+    action: Literal["kick", "clean_cache"] = Field(
+        default="kick",
+        description="`kick` closes the client (it reconnects and is asked again); `clean_cache` drains its "
+        "authorization cache and resets the node cache (not enough with `emqx_return_acl`, which then kicks)",
+    )
+
+
+class VernemqApiSettings(BrokerApiCredentials):
+    cleanup: bool = Field(default=False, description="also drop the session's stored state (`--cleanup`)")
+    node_urls: tuple[str, ...] = Field(
+        default=(), description="every node's API, for the node-local webhook cache clear; default: `url`"
+    )
+
+
+class RevocationSettings(BaseModel):
+    """Revokes that reach live sessions: re-check what each live session was allowed after every committed
+    change, and close (or refresh) exactly the sessions that lost something, through the broker's own API.
+
+    Off for a broker until its API is configured here.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    poll_interval_s: float = Field(default=0.05, gt=0, le=5, description="how often the revision board is read")
+    max_pairs_per_subject: int = Field(
+        default=512, ge=1, description="allowed (action, topic) pairs remembered per subject; past it, any "
+        "change in the subject's tenant closes its sessions",
+    )
+    attempts: int = Field(default=3, ge=1, le=10, description="tries per management call")
+    timeout_s: float = Field(default=2.0, gt=0, description="per management call")
+    rabbitmq: BrokerApiCredentials | None = None
+    emqx: EmqxApiSettings | None = None
+    vernemq: VernemqApiSettings | None = None
+
+
 class Settings(BaseSettings):
     """Everything authhook reads at start."""
 
@@ -163,6 +284,8 @@ class Settings(BaseSettings):
     evaluator: EvaluatorSettings = EvaluatorSettings()
     webhook: WebhookSettings = WebhookSettings()
     brokers: BrokerSettings = BrokerSettings()
+    client_ids: ClientIdSettings = ClientIdSettings()
+    revocation: RevocationSettings = RevocationSettings()
 
     @field_validator("topic_template")
     @classmethod
