@@ -22,10 +22,12 @@ import click
 from authhook.config import Settings, load_settings
 from authhook.credentials import generate_client_secret
 from authhook.decision_log import DecisionFilter, parse_since, read_events
-from authhook.errors import AuthhookError, InvalidInput
+from authhook.errors import AuthhookError, InvalidInput, StoreError
 from authhook.models import Action, AuthzRequest
 from authhook.pdp import PDP, make_request
+from authhook.store import create_store
 from authhook.store.base import (
+    DOTTED_ID_RULE,
     AssigneeKind,
     Assignment,
     Block,
@@ -37,6 +39,8 @@ from authhook.store.base import (
     SubjectKind,
     SubjectRecord,
     Tenant,
+    dotted_ids_readable,
+    is_topic_level_id,
 )
 from authhook.world import import_world, load_world
 
@@ -80,7 +84,8 @@ def _first_line(exc: Exception) -> str:
     if isinstance(exc, ValidationError):
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        return f"{where}: {first['msg'].lower()}" if where else first["msg"].lower()
+        message = first["msg"][:1].lower() + first["msg"][1:]
+        return f"{where}: {message}" if where else message
     return str(exc).splitlines()[0]
 
 
@@ -133,10 +138,40 @@ def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
     settings = _settings(ctx)
     http = settings.http.model_copy(update={k: v for k, v in (("host", host), ("port", port)) if v is not None})
     try:
+        dotted = asyncio.run(_dotted_ids(settings))
+        if dotted is None:
+            logging.getLogger("authhook.cli").warning(
+                "store unavailable at start: tenant and channel ids were not checked for `.`"
+            )
+        elif dotted:
+            shown = ", ".join(dotted[:10]) + (f" and {len(dotted) - 10} more" if len(dotted) > 10 else "")
+            raise InvalidInput(
+                f"{DOTTED_ID_RULE}; this store holds {shown}, written before that rule: remove them "
+                "(`authhook tenant rm`, `authhook channel rm`) and import them again under ids without `.`"
+            )
         asyncio.run(run_server(settings.model_copy(update={"http": http})))
     except AuthhookError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_ERROR)
+
+
+async def _dotted_ids(settings: Settings) -> list[str] | None:
+    """Tenant and channel ids holding `.`, written before tenant and channel ids had to be topic levels
+    RabbitMQ cannot misread; None when the store cannot be opened yet (``serve`` then retries it in the
+    background, and this check is skipped)."""
+    store = create_store(settings.store_url, deadline_s=settings.store_deadline_s)
+    try:
+        await store.open()
+    except StoreError:
+        return None
+    try:
+        with dotted_ids_readable():
+            tenants, channels = await store.list_tenants(), await store.list_channels()
+    finally:
+        await store.close()
+    found = [f"tenant `{t.id}`" for t in tenants if not is_topic_level_id(t.id)]
+    found += [f"channel `{c.id}` of tenant `{c.tenant}`" for c in channels if not is_topic_level_id(c.id)]
+    return found
 
 
 @cli.command("import")

@@ -2,6 +2,8 @@
 
 Everything is nested under its tenant, so a file cannot even express a reference across tenants.
 Secrets in the file are hashed on import and never written back out. See README "World file".
+Tenant and channel ids (topic levels, so no `.`) are checked as the file is read: a file naming a bad one is
+refused whole, before anything is written.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from authhook.store.base import (
     SubjectKind,
     SubjectRecord,
     Tenant,
+    TopicLevelId,
 )
 
 
@@ -66,7 +69,7 @@ class UserSpec(_Spec):
 
 
 class ChannelSpec(_Spec):
-    id: str
+    id: TopicLevelId  # a topic level: no `.` (see README "World file")
     name: str = ""
 
 
@@ -114,7 +117,7 @@ class RoleSpec(_Spec):
 
 
 class TenantSpec(_Spec):
-    id: str
+    id: TopicLevelId  # a topic level: no `.` (see README "World file")
     name: str = ""
     enabled: bool = True
     clients: list[ClientSpec] = []

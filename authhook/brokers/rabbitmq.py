@@ -3,11 +3,8 @@
 
 The MQTT plugin turns an MQTT topic into an AMQP routing key by mapping ``/`` to ``.`` and ``+`` to ``*``
 (``#`` stays). ``/topic`` maps it back (``.`` to ``/``, ``*`` to ``+``), so policies see a topic whose levels
-are exactly the words RabbitMQ routes on. A ``.`` inside an MQTT level therefore becomes a level separator:
-the plugin makes ``a.b/c`` and ``a/b/c`` the same routing key, and authhook judges both as ``a/b/c``, which
-is what RabbitMQ will deliver. Tenant and channel ids containing ``.`` cannot be addressed through RabbitMQ
-(see plugins/rabbitmq/README.md). A routing key holding ``/`` did not come from the MQTT plugin (it never
-sends one) and is refused, so the reverse mapping is exact on everything it accepts.
+are exactly the words RabbitMQ routes on; ``mqtt_topic`` says why no accepted key has two readings that the
+policy would judge differently (see plugins/rabbitmq/README.md).
 
 ``/vhost`` and ``/resource`` are RabbitMQ plumbing under every MQTT session: the configured vhost, the
 configured exchange and the caller's *own* subscription queues ``mqtt-subscription-<client_id>qos0|1``.
@@ -26,30 +23,75 @@ from authhook.brokers.common import Malformed, TranslationMemo, read_fields, ref
 from authhook.config import Settings
 from authhook.models import Action, AuthzRequest, Reason, Subject
 from authhook.pdp import PDP
+from authhook.store.base import is_topic_level_id
+from authhook.topics import TopicTemplate
 
 BROKER = "rabbitmq"
 SUBSCRIPTION_QUEUE_PREFIX = "mqtt-subscription-"
 SUBSCRIPTION_QUEUE_SUFFIXES = ("qos0", "qos1")
 _TO_MQTT = str.maketrans({".": "/", "*": "+"})
+_TO_AMQP = str.maketrans({"/": ".", "+": "*"})
 _PERMISSION_ACTIONS = {"write": Action.PUBLISH, "read": Action.SUBSCRIBE}
 
 
 # -- translate (pure) ---------------------------------------------------------------------------------
 
 
-def mqtt_topic(routing_key: str) -> str:
+def to_routing_key(topic: str) -> str:
+    """What RabbitMQ's MQTT plugin makes of an MQTT topic or filter: ``m/acme/c/ch/+`` -> ``m.acme.c.ch.*``."""
+    return topic.translate(_TO_AMQP)
+
+
+def mqtt_topic(routing_key: str, template: TopicTemplate | None = None) -> str:
     """The MQTT topic (or filter) a routing key stands for: ``m.acme.c.ch.*`` -> ``m/acme/c/ch/+``.
 
-    The inverse of the MQTT plugin's ``/`` -> ``.``, ``+`` -> ``*``. A key with a ``/`` is refused
-    (``invalid_topic``): the plugin never produces one, and letting it through would make two different
-    keys judge as one topic.
+    The plugin's mapping is not one to one: a ``.`` inside an MQTT level becomes a level separator, so
+    ``m/acme/c/ch/a.b`` and ``m/acme/c/ch/a/b`` are both ``m.acme.c.ch.a.b``. This returns the reading with
+    every ``.`` a separator - the words RabbitMQ routes on, and what it delivers to ``m/acme/c/ch/a/#`` - and
+    every other reading of an accepted key is judged the same, because the policy reads nothing a ``.``
+    could move:
+
+    - Channel topics: the evaluators (in-house, OPA, Cedar) decide on the tenant and channel levels alone;
+      no policy input reads the subtopic. Tenant and channel ids cannot contain ``.`` (``TopicLevelId``,
+      checked on every write and by ``authhook serve`` for older stores), nor can the template's literal
+      levels match a level holding one, so in any reading that is a channel topic the levels up to the
+      channel are the same words, naming the same tenant and channel; a ``.`` can only sit in the subtopic.
+      (A template whose literals contain ``.`` matches no reading of any key: everything is denied.)
+    - ``$`` topics: ``topic`` blocks match the whole topic level by level, and their filters may hold
+      ``.`` (EMQX's ``$SYS/brokers/emqx@127.0.0.1/...``), so ``$a.b`` vs ``$a/b`` would matter. A ``$`` key
+      of more than one word is refused (``invalid_topic``): RabbitMQ publishes no ``$SYS`` topics, so this
+      refuses no broker data, and it also refuses ``$share.g.m.acme...``, where the group/filter boundary
+      would be ambiguous. A one-word ``$`` key has one reading.
+    - A key with a ``/`` is refused (``invalid_topic``): the plugin never produces one, and it would make
+      two different keys judge as one topic.
+
+    With ``template``, a tenant or channel level that is not a valid id (``TopicLevelId``) is refused
+    (``invalid_topic``) as well: no such tenant or channel can exist, and it keeps the rule above checked
+    here too should the mapping ever change. Wildcard levels (``*``) stay wildcards, judged as such.
     """
     if "/" in routing_key:
         raise Malformed(
             f"routing key {routing_key[:60]!r} contains '/', which RabbitMQ's MQTT plugin never sends",
             reason=Reason.INVALID_TOPIC,
         )
-    return routing_key.translate(_TO_MQTT)
+    topic = routing_key.translate(_TO_MQTT)
+    if topic[:1] == "$":
+        if "/" in topic:
+            raise Malformed(
+                f"routing key {routing_key[:60]!r} is a `$` topic of several words, which RabbitMQ cannot tell "
+                "from one with `.` inside a level (and RabbitMQ has no `$SYS` topics)",
+                reason=Reason.INVALID_TOPIC,
+            )
+        return topic
+    address = template.parse_filter(topic) if template is not None else None
+    if address is not None:
+        for what, level in (("tenant", address.tenant), ("channel", address.channel)):
+            if level is not None and not is_topic_level_id(level):
+                raise Malformed(
+                    f"routing key {routing_key[:60]!r}: the {what} level {level[:60]!r} is not a {what} id",
+                    reason=Reason.INVALID_TOPIC,
+                )
+    return topic
 
 
 def subject_of(data: dict[str, Any]) -> Subject:
@@ -91,7 +133,9 @@ def check_plumbing(data: dict[str, Any], subject: Subject, exchange: str) -> Non
     raise Malformed(f"resource `{resource}` `{name[:80]}` is not this client's MQTT plumbing")
 
 
-def topic_request(data: dict[str, Any], exchange: str, vhost: str) -> AuthzRequest:
+def topic_request(
+    data: dict[str, Any], exchange: str, vhost: str, template: TopicTemplate | None = None
+) -> AuthzRequest:
     action = _PERMISSION_ACTIONS.get(text(data, "permission") or "")
     try:
         if action is None:
@@ -99,7 +143,7 @@ def topic_request(data: dict[str, Any], exchange: str, vhost: str) -> AuthzReque
         if text(data, "resource") != "topic" or text(data, "name") != exchange:
             raise Malformed(f"only topic permissions on the `{exchange}` exchange are answered")
         check_vhost(data, vhost)
-        topic = mqtt_topic(text(data, "routing_key", required=True) or "")
+        topic = mqtt_topic(text(data, "routing_key", required=True) or "", template)
         return AuthzRequest(subject=subject_of(data), action=action, topic=topic)
     except Malformed as exc:  # once `permission` is read, log a bad SUBSCRIBE as a subscribe
         raise (exc.about(action) if action is not None else exc) from None
@@ -151,7 +195,7 @@ def add_routes(routes: web.RouteTableDef, pdp: PDP, settings: Settings) -> None:
     async def resource(request: web.Request) -> web.Response:
         return await may_connect(request, "resource")
 
-    translate_topic = TranslationMemo(lambda data: topic_request(data, exchange, vhost))
+    translate_topic = TranslationMemo(lambda data: topic_request(data, exchange, vhost, pdp.template))
 
     async def topic(request: web.Request) -> web.Response:
         try:

@@ -8,16 +8,69 @@ logic stays in the evaluators.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from enum import StrEnum
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import Annotated, NamedTuple, Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from authhook.models import Action, ActionSet
 from authhook.revision import RevisionBoard
 from authhook.topics import TopicError, validate_identity, validate_topic_filter
 
 _ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$"
+
+# Tenant and channel ids are levels of topics (the topic template puts them there), and a broker may rewrite
+# topics: RabbitMQ's MQTT plugin maps `/` to `.` and `+` to `*`. A `.` in one of them would make two topics
+# one routing key (tenant `a.c`'s `m/a.c/c/x` and tenant `a`'s channel `c`, subtopic `x`), so these ids may
+# not hold `.`; `*` (RabbitMQ's `+`), `+`, `#`, `/` and NUL are outside _ID_PATTERN already. Group, role,
+# block and subject ids never stand in a topic level and keep `.` (`alice@acme.example`).
+TOPIC_LEVEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_:@-]{0,127}$"
+_WHY_NO_DOT = "RabbitMQ maps `/` to `.`, so `a.c` and `a/c` would be one routing key"
+DOTTED_ID_RULE = f"tenant and channel ids cannot contain `.`: {_WHY_NO_DOT}"
+_TOPIC_LEVEL_ID = re.compile(TOPIC_LEVEL_ID_PATTERN)
+_ANY_ID = re.compile(_ID_PATTERN)
+_dotted_ids_readable: ContextVar[bool] = ContextVar("authhook_dotted_ids_readable", default=False)
+
+
+def is_topic_level_id(value: str) -> bool:
+    """Could ``value`` be a tenant or channel id (and so stand alone in a topic level)?"""
+    return _TOPIC_LEVEL_ID.match(value) is not None
+
+
+def _topic_level_id(value: str) -> str:
+    if _TOPIC_LEVEL_ID.match(value):
+        return value
+    if "." in value and _ANY_ID.match(value):
+        if _dotted_ids_readable.get():
+            return value
+        raise PydanticCustomError(
+            "dotted_id", f"tenant and channel ids cannot contain `.` (got `{{value}}`): {_WHY_NO_DOT}", {"value": value}
+        )
+    raise PydanticCustomError(
+        "topic_level_id",
+        "`{value}` is not a tenant or channel id: letters, digits and `_:@-`, starting with a letter or digit, "
+        "at most 128 characters",
+        {"value": value if len(value) <= 60 else value[:60] + "..."},
+    )
+
+
+TopicLevelId = Annotated[str, AfterValidator(_topic_level_id)]
+
+
+@contextmanager
+def dotted_ids_readable() -> Iterator[None]:
+    """Within this block, tenant and channel ids stored before the no-`.` rule load instead of failing
+    validation, so ``authhook serve`` can name them when it refuses to start. Only for reading them."""
+    token = _dotted_ids_readable.set(True)
+    try:
+        yield
+    finally:
+        _dotted_ids_readable.reset(token)
 
 
 class SubjectKind(StrEnum):
@@ -49,7 +102,7 @@ class _Entity(BaseModel):
 
 
 class Tenant(_Entity):
-    id: str = Field(pattern=_ID_PATTERN)
+    id: TopicLevelId
     name: str = ""
     enabled: bool = True
 
@@ -58,7 +111,7 @@ class SubjectRecord(_Entity):
     """A client (device) or user; ids share one namespace because brokers only send a username."""
 
     id: str
-    tenant: str = Field(pattern=_ID_PATTERN)
+    tenant: TopicLevelId
     kind: SubjectKind
     name: str = ""
     enabled: bool = True
@@ -74,8 +127,8 @@ class SubjectRecord(_Entity):
 
 
 class Channel(_Entity):
-    id: str = Field(pattern=_ID_PATTERN)
-    tenant: str = Field(pattern=_ID_PATTERN)
+    id: TopicLevelId
+    tenant: TopicLevelId
     name: str = ""
 
 
