@@ -78,6 +78,12 @@ class Reason(StrEnum):
     NOT_CONNECTED = "not_connected"
     WILDCARD_TOO_BROAD = "wildcard_too_broad"
     DENIED_BY_BLOCK = "denied_by_block"
+    # deny: the session around the decision (client ids are part of the tenant boundary)
+    CLIENT_ID_MISSING = "client_id_missing"
+    CLIENT_ID_NOT_OWNED = "client_id_not_owned"
+    # actions on live sessions after a revoke (decision-log events, not answers to a broker)
+    SESSION_CLOSED = "session_closed"
+    SESSION_CLOSE_FAILED = "session_close_failed"
     # deny: failures (fail closed; never cached)
     STORE_UNAVAILABLE = "store_unavailable"
     EVALUATOR_UNAVAILABLE = "evaluator_unavailable"

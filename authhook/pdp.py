@@ -17,7 +17,7 @@ from types import TracebackType
 from typing import Any
 
 from authhook.cache import DecisionCache
-from authhook.config import Settings, load_settings
+from authhook.config import ClientIdSettings, Settings, load_settings
 from authhook.credentials import SecretHasher, load_or_create_pepper
 from authhook.decision_log import DecisionLog
 from authhook.errors import AuthhookError, EvaluatorError, InvalidInput, StoreError
@@ -36,6 +36,10 @@ from authhook.models import (
     Verdict,
     request_cache_key,
 )
+from authhook.sessions.broker_api import build_closers
+from authhook.sessions.client_ids import ClientIdPolicy, Refusal
+from authhook.sessions.registry import SessionRegistry
+from authhook.sessions.revoker import RevocationWatcher
 from authhook.store import Store, create_store
 from authhook.store.base import SubjectKind
 from authhook.topics import (
@@ -50,6 +54,9 @@ from authhook.topics import (
 
 log = logging.getLogger("authhook.pdp")
 
+LIBRARY = "library"  # the broker name of in-process callers
+# Callers with no broker session behind them: they need no client id, and nothing of theirs is a live session.
+SESSIONLESS = frozenset({LIBRARY, "cli", "api"})
 CORE = "core"  # the evaluator name on verdicts the core reaches before any evaluator runs
 _TOPIC_REASONS = {
     "invalid_topic": Reason.INVALID_TOPIC,
@@ -98,6 +105,9 @@ class PDP:
         cache: DecisionCache | None = None,
         decision_log: DecisionLog | None = None,
         template: TopicTemplate | None = None,
+        client_ids: ClientIdPolicy | None = None,
+        sessions: SessionRegistry | None = None,
+        revocation: RevocationWatcher | None = None,
     ) -> None:
         self.store = store
         self.hasher = hasher
@@ -105,11 +115,19 @@ class PDP:
         self.cache = cache
         self.decision_log = decision_log or DecisionLog()
         self.template = template or TopicTemplate()
+        self.client_ids = client_ids or ClientIdPolicy(ClientIdSettings(), store)
+        # Sessions are always learned (CONNECTs are few); allowed pairs only while a watcher can act on them.
+        self.sessions = sessions or SessionRegistry(track_pairs=False)
+        self.revocation = revocation
         self._reopening: asyncio.Task[None] | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings | None = None, **overrides: Any) -> PDP:
-        """Build everything from settings (or ``load_settings(**overrides)``); call ``open`` next."""
+    def from_settings(cls, settings: Settings | None = None, *, watch_sessions: bool = True, **overrides: Any) -> PDP:
+        """Build everything from settings (or ``load_settings(**overrides)``); call ``open`` next.
+
+        ``watch_sessions`` starts the revocation watcher when ``revocation`` names a broker API; one-shot
+        commands pass False (they make changes; the serving instances act on them).
+        """
         settings = settings or load_settings(**overrides)
         store = create_store(settings.store_url, deadline_s=settings.store_deadline_s)
         if settings.secret_key is not None:
@@ -128,14 +146,23 @@ class PDP:
             ring_size=settings.decision_log.ring_size,
             flush_interval=settings.decision_log.flush_interval_s,
         )
-        return cls(
+        closers = build_closers(settings.revocation) if watch_sessions else []
+        sessions = SessionRegistry(max_pairs=settings.revocation.max_pairs_per_subject, track_pairs=bool(closers))
+        pdp = cls(
             store,
             SecretHasher(pepper),
             evaluator=build_evaluator(settings.evaluator, store),
             cache=cache,
             decision_log=decision_log,
             template=TopicTemplate(settings.topic_template),
+            client_ids=ClientIdPolicy(settings.client_ids, store),
+            sessions=sessions,
         )
+        if closers:
+            pdp.revocation = RevocationWatcher(
+                pdp, sessions, closers, poll_interval_s=settings.revocation.poll_interval_s
+            )
+        return pdp
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def open(self, *, retry_store: bool = False) -> PDP:
@@ -155,6 +182,8 @@ class PDP:
                 raise
             log.error("store unavailable at start, retrying in the background: %s", exc)
             self._reopening = asyncio.create_task(self._open_store_eventually(), name="authhook-store-open")
+        if self.revocation is not None:
+            self.revocation.start()
         return self
 
     async def _open_store_eventually(self, first_wait: float = 0.5, longest_wait: float = 10.0) -> None:
@@ -176,6 +205,8 @@ class PDP:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reopening
             self._reopening = None
+        if self.revocation is not None:
+            await self.revocation.stop()
         await self.decision_log.close()
         await self.evaluator.close()
         await self.store.close()
@@ -239,9 +270,21 @@ class PDP:
         else:
             assert key is not None
             verdict, status = await cache.get_or_evaluate(key, target, lambda: self._evaluate(request, target))
+        if verdict.allowed and self.sessions.track_pairs:
+            self._remember_allow(request, verdict)
         decision = Decision(verdict, status, (perf_counter() - started) * 1e6)
         self._log(request, target, decision, broker, hook)
         return decision
+
+    def _remember_allow(self, request: AuthzRequest, verdict: Verdict) -> None:
+        """An allow a broker may now keep: the revocation watcher asks it again after every change.
+
+        Only misses pass here. A hit serves an answer first computed (and remembered) on a miss, and the
+        registry keeps what is still allowed across a revoke, so nothing a broker holds goes unremembered.
+        """
+        subject = request.subject.key
+        if subject is not None and request.topic is not None and request.action is not Action.CONNECT:
+            self.sessions.allowed(subject, verdict.subject_tenant, request.action, request.topic, verdict.revision)
 
     def _log(self, request: AuthzRequest, target: Target | None, decision: Decision, broker: str, hook: str) -> None:
         self.decision_log.record(request, target, decision.verdict, decision.cache, decision.latency_us, broker, hook)
@@ -264,9 +307,11 @@ class PDP:
             action=Action.CONNECT,
         )
         try:
-            verdict = await self._authenticate(username, password, client_id, request)
+            verdict = await self._authenticate(username, password, client_id, request, broker)
         except Exception as exc:
             verdict = self._failure(exc)
+        if verdict.allowed and username and client_id and broker not in SESSIONLESS:
+            self.sessions.connected(broker, client_id, username, verdict.subject_tenant, verdict.revision, peer=peer)
         decision = Decision(verdict, "bypass", (perf_counter() - started) * 1e6)
         self._log(request, None, decision, broker, hook)
         return decision
@@ -288,6 +333,24 @@ class PDP:
         decision = Decision(_core_deny(reason, detail), "bypass", 0.0)
         self._log(AuthzRequest(subject=subject, action=action), None, decision, broker, hook)
         return decision
+
+    async def client_id_refusal(self, username: str, client_id: str) -> Refusal | None:
+        """Why ``username`` may not use ``client_id`` (None: it owns it); for adapters whose broker names an
+        object after a client id (RabbitMQ's subscription queues), and for the revocation watcher.
+
+        An unknown subject owns nothing. A store failure raises (``AuthhookError``): callers fail closed.
+        """
+        credential = await self.store.credential(username)
+        if credential is None:
+            return Refusal(Reason.UNKNOWN_SUBJECT, f"no client or user `{username}`")
+        return await self.client_ids.check(username, client_id, credential.subject.tenant)
+
+    async def evaluate_fresh(self, request: AuthzRequest) -> Verdict:
+        """The evaluator's answer now: no cache, no decision-log event, never raises (failures fail closed)."""
+        target = self.resolve(request)
+        if isinstance(target, Verdict):
+            return target
+        return await self._evaluate(request, target)
 
     async def grants(self, subject: str) -> Grants | None:
         """The subject's grants listed up front, if the evaluator can list them; None on any failure,
@@ -367,7 +430,7 @@ class PDP:
         return Verdict(False, reason, detail, self.evaluator.name)
 
     async def _authenticate(
-        self, username: str | None, password: str | None, client_id: str | None, request: AuthzRequest
+        self, username: str | None, password: str | None, client_id: str | None, request: AuthzRequest, broker: str
     ) -> Verdict:
         if not username or password is None or password == "":
             return _core_deny(Reason.BAD_CREDENTIALS, "username and password are required")
@@ -397,6 +460,22 @@ class PDP:
         verdict = await self.evaluator.evaluate(request, Target(None, None))
         if not verdict.allowed:
             return verdict
+        tenant = credential.subject.tenant
+        if client_id is None and broker not in SESSIONLESS:
+            # A broker session without a client id cannot be tied to its owner (EMQX: `${clientid}` missing
+            # from the authn body template); refusing is the only answer that cannot hand a session over.
+            return Verdict(
+                False,
+                Reason.CLIENT_ID_MISSING,
+                "the broker sent no client id",
+                CORE,
+                verdict.revision,
+                subject_tenant=tenant,
+            )
+        if client_id is not None:
+            refusal = await self.client_ids.check(username, client_id, tenant)
+            if refusal is not None:
+                return Verdict(False, refusal.reason, refusal.detail, CORE, verdict.revision, subject_tenant=tenant)
         return Verdict(
             True,
             Reason.AUTHENTICATED,

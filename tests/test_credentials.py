@@ -51,7 +51,7 @@ def test_the_server_key_file_is_created_private_and_reused(tmp_path: Path) -> No
 
 
 async def test_connect_with_the_right_secret_and_with_wrong_ones(demo: PDP) -> None:
-    ok = await demo.authenticate("acme-thermo-1", "acme-thermo-1-demo-secret", client_id="boiler")
+    ok = await demo.authenticate("acme-thermo-1", "acme-thermo-1-demo-secret", client_id="acme-thermo-1:boiler")
     assert (ok.allowed, ok.reason) == (True, Reason.AUTHENTICATED)
     assert ok.verdict.subject_tenant == "acme"
     wrong = await demo.authenticate("acme-thermo-1", "acme-thermo-1-demo-secreT")

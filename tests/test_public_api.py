@@ -22,7 +22,7 @@ async def test_library_use_as_documented(tmp_path: Path) -> None:
         from .conftest import DEMO_WORLD
 
         await import_world(pdp.store, pdp.hasher, load_world(DEMO_WORLD))
-        login = await pdp.authenticate("acme-thermo-1", "acme-thermo-1-demo-secret", client_id="boiler-1")
+        login = await pdp.authenticate("acme-thermo-1", "acme-thermo-1-demo-secret", client_id="acme-thermo-1:boiler")
         assert login.allowed
         decision = await pdp.authorize(make_request("publish", "acme-thermo-1", "m/acme/c/telemetry/temp"))
         assert decision.allowed

@@ -21,8 +21,10 @@ from aiohttp import web
 
 from authhook.brokers.common import Malformed, TranslationMemo, read_fields, refuse, text
 from authhook.config import Settings
+from authhook.errors import AuthhookError
 from authhook.models import Action, AuthzRequest, Reason, Subject
 from authhook.pdp import PDP
+from authhook.sessions.client_ids import Refusal
 from authhook.store.base import is_topic_level_id
 from authhook.topics import TopicTemplate
 
@@ -186,6 +188,14 @@ def add_routes(routes: web.RouteTableDef, pdp: PDP, settings: Settings) -> None:
                 check_plumbing(data, subject, exchange)
         except Malformed as exc:  # logged with who asked, when that much was readable
             return malformed(Action.CONNECT, exc, hook, subject)
+        if subject.client_id is not None and subject.username is not None:
+            # The queues are named after the client id: the caller must own it, not just have connected.
+            try:
+                refusal = await pdp.client_id_refusal(subject.username, subject.client_id)
+            except AuthhookError as exc:
+                refusal = Refusal(Reason.STORE_UNAVAILABLE, str(exc))
+            if refusal is not None:
+                return malformed(Action.CONNECT, Malformed(refusal.detail, reason=refusal.reason), hook, subject)
         decision = await pdp.authorize(AuthzRequest(subject=subject, action=Action.CONNECT), broker=BROKER, hook=hook)
         return word(decision.allowed)
 

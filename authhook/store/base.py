@@ -272,6 +272,16 @@ class Store(Protocol):
     async def credential(self, subject: str) -> Credential | None: ...
     async def grant_facts(self, subject: str) -> GrantFacts | None: ...
 
+    # revocation: exactly one instance of a fleet acts on each change
+    async def claim_revocation(self, subject: str, allowed_since: int, revision: int) -> bool:
+        """Claim the closing of ``subject``'s live sessions for the change seen at ``revision``.
+
+        False when any instance already claimed it at a revision >= ``allowed_since`` (the oldest store
+        revision at which the caller granted something now denied): the sessions that got those grants were
+        closed then. Check and insert are one serialized step, so two instances never both act.
+        """
+        ...
+
     # writes
     async def put_tenant(self, tenant: Tenant) -> None: ...
     async def delete_tenant(self, tenant: str) -> None: ...

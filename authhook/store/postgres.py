@@ -144,6 +144,12 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX groups_by_parent ON groups(tenant_id, parent_id) WHERE parent_id IS NOT NULL;
     """,
+    # 3: which instance of a fleet acts on a revoke (see ``Store.claim_revocation``).
+    """
+    CREATE TABLE revocation_claims (
+        subject text NOT NULL, revision bigint NOT NULL, claimed_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (subject, revision));
+    """,
 )
 
 # $1 subject, $2 topic tenant (NULL: none), $3 channel (NULL: none). Channel, connection and blocks are
@@ -402,6 +408,26 @@ class PostgresStore:
         if row is None:
             return None
         return Credential(SubjectFact(row[0], row[1], _SUBJECT_KINDS[row[2]], row[3], row[4]), row[5])
+
+    async def claim_revocation(self, subject: str, allowed_since: int, revision: int) -> bool:
+        try:
+            async with self._acquire_for_write() as conn, conn.transaction():
+                # Serializes claims for one subject across the fleet, so the check and the insert are one step.
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtext('authhook-revoke:' || $1::text))", subject)
+                taken = await conn.fetchval(
+                    "SELECT true FROM revocation_claims WHERE subject = $1 AND revision >= $2 LIMIT 1",
+                    subject,
+                    allowed_since,
+                )
+                if taken:
+                    return False
+                await conn.execute(
+                    "INSERT INTO revocation_claims (subject, revision) VALUES ($1, $2)", subject, revision
+                )
+                await conn.execute("DELETE FROM revocation_claims WHERE claimed_at < now() - interval '7 days'")
+                return True
+        except (TimeoutError, asyncpg.PostgresError, OSError) as exc:
+            raise StoreUnavailable(f"postgresql: {exc}") from exc
 
     # -- writes ---------------------------------------------------------------------------------
     @asynccontextmanager

@@ -9,6 +9,7 @@ process sharing the file - a server, the CLI - sees a committed revoke on its ne
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,6 +40,7 @@ from authhook.store.base import (
 from authhook.store.base import Block as BlockModel
 
 T = TypeVar("T")
+CLAIM_KEEP_S = 7 * 24 * 3600.0  # revocation claims older than this are dropped when a new one is taken
 
 # Each entry is one schema version; never edit a shipped entry, append a new one (additive migrations).
 MIGRATIONS: tuple[str, ...] = (
@@ -96,6 +98,12 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (tenant_id, role_id, assignee_kind, assignee_id),
         FOREIGN KEY (tenant_id, role_id) REFERENCES roles(tenant_id, id) ON DELETE CASCADE);
     CREATE INDEX role_assignments_by_assignee ON role_assignments(tenant_id, assignee_kind, assignee_id);
+    """,
+    # 2: which instance acts on a revoke (see ``Store.claim_revocation``).
+    """
+    CREATE TABLE revocation_claims (
+        subject TEXT NOT NULL, revision INTEGER NOT NULL, claimed_at REAL NOT NULL,
+        PRIMARY KEY (subject, revision))
     """,
 )
 
@@ -322,6 +330,27 @@ class SQLiteStore:
         if row is None:
             return None
         return Credential(SubjectFact(row[0], row[1], _SUBJECT_KINDS[row[2]], bool(row[3]), bool(row[4])), row[5])
+
+    async def claim_revocation(self, subject: str, allowed_since: int, revision: int) -> bool:
+        def claim(db: sqlite3.Connection) -> bool:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                taken = db.execute(
+                    "SELECT 1 FROM revocation_claims WHERE subject = ? AND revision >= ?", (subject, allowed_since)
+                ).fetchone()
+                if taken is None:
+                    db.execute("INSERT INTO revocation_claims VALUES (?, ?, ?)", (subject, revision, time.time()))
+                    db.execute("DELETE FROM revocation_claims WHERE claimed_at < ?", (time.time() - CLAIM_KEEP_S,))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            return taken is None
+
+        try:
+            return claim(self._db)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"sqlite: {exc}") from exc
 
     # -- writes ---------------------------------------------------------------------------------
     @contextmanager
