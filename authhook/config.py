@@ -162,6 +162,10 @@ class ClientIdTenantSettings(BaseModel):
         if self.policy == "pattern":
             if not self.pattern:
                 raise ValueError("client-id policy `pattern` needs a `pattern`")
+            if "{username}" not in self.pattern:
+                # Without it two subjects of a tenant could match one client id and take over each other's
+                # sessions; with it every client id still has one owner.
+                raise ValueError("a client-id pattern must name `{username}`")
             import re
 
             try:
@@ -178,7 +182,8 @@ class ClientIdSettings(BaseModel):
     the client id, so whoever connects with a client id takes over that session. The owner of a client id is
     the subject with the longest id ``u`` such that the client id is ``u`` or ``u`` + a separator + more;
     nobody else may use it, under any policy. ``exact`` also requires the client id to be the username,
-    ``prefixed`` (the default) allows a suffix, ``pattern`` requires a per-tenant regular expression.
+    ``prefixed`` (the default) allows a suffix, ``pattern`` requires a regular expression naming
+    ``{username}`` (so each client id still has one owner). See ``authhook.sessions.client_ids``.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -187,11 +192,6 @@ class ClientIdSettings(BaseModel):
     separators: str = Field(default=":-_", min_length=1, description="characters that may follow the username")
     pattern: str | None = None
     tenants: dict[str, ClientIdTenantSettings] = Field(default_factory=dict)
-    allow_takeover: bool = Field(
-        default=False,
-        description="let a second subject connect with a client id another subject's live session holds "
-        "(only reachable with a `pattern` policy); off, that CONNECT is refused",
-    )
 
     @field_validator("separators")
     @classmethod
@@ -256,7 +256,9 @@ class RevocationSettings(BaseModel):
 
     poll_interval_s: float = Field(default=0.05, gt=0, le=5, description="how often the revision board is read")
     max_pairs_per_subject: int = Field(
-        default=512, ge=1, description="allowed (action, topic) pairs remembered per subject; past it, any "
+        default=512,
+        ge=1,
+        description="allowed (action, topic) pairs remembered per subject; past it, any "
         "change in the subject's tenant closes its sessions",
     )
     attempts: int = Field(default=3, ge=1, le=10, description="tries per management call")
