@@ -62,7 +62,7 @@ def run_with_pdp(fn: Callable[..., Coroutine[Any, Any, int | None]]) -> Callable
     @wraps(fn)
     def wrapper(ctx: click.Context, /, *args: Any, **kwargs: Any) -> None:
         async def main() -> int | None:
-            async with PDP.from_settings(_settings(ctx)) as pdp:
+            async with PDP.from_settings(_settings(ctx), watch_sessions=False) as pdp:
                 return await fn(pdp, *args, **kwargs)
 
         try:

@@ -31,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +54,10 @@ SECRETS = {
     "acme-dev": "acme-dev-e2e-secret-0001",
     "acme-sub": "acme-sub-e2e-secret-0002",
     "globex-dev": "globex-dev-e2e-secret-0003",
+    "acme-dev2": "acme-dev2-e2e-secret-0004",
+    "globex-sub": "globex-sub-e2e-secret-0005",
 }
+REVOKE_WITHIN_S = 1.0  # the issue's bound: from the CLI's commit to the broker closing the session
 
 WORLD = f"""\
 tenants:
@@ -63,6 +67,8 @@ tenants:
         secret: {SECRETS["acme-dev"]}
       - id: acme-sub
         secret: {SECRETS["acme-sub"]}
+      - id: acme-dev2
+        secret: {SECRETS["acme-dev2"]}
     channels:
       - id: telemetry
     connections:
@@ -72,16 +78,24 @@ tenants:
       - client: acme-sub
         channel: telemetry
         actions: [subscribe]
+      - client: acme-dev2
+        channel: telemetry
+        actions: [publish]
   - id: globex
     clients:
       - id: globex-dev
         secret: {SECRETS["globex-dev"]}
+      - id: globex-sub
+        secret: {SECRETS["globex-sub"]}
     channels:
       - id: telemetry
     connections:
       - client: globex-dev
         channel: telemetry
         actions: [publish, subscribe]
+      - client: globex-sub
+        channel: telemetry
+        actions: [subscribe]
 """
 
 
@@ -187,6 +201,9 @@ class Authhook:
     token: str
     db: Path
     env: dict[str, str]
+    management_port: int
+    admin_user: str
+    admin_password: str = field(repr=False)
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         """Run ``python -m authhook --store sqlite:///<db> ARGS`` with the server's key; raise on failure."""
@@ -221,9 +238,15 @@ def authhook(tmp_path: Path) -> Iterator[Authhook]:
     require_prerequisites(_skip_reason(), os.environ)
     db = tmp_path / "e2e.db"
     token = secrets.token_urlsafe(24)
+    (management_port,) = _free_ports(1)
+    admin_user, admin_password = f"authhook-admin-{secrets.token_hex(3)}", secrets.token_urlsafe(24)
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTHHOOK_")}
     env["AUTHHOOK_SECRET_KEY"] = secrets.token_hex(32)
     env["AUTHHOOK_WEBHOOK__TOKEN"] = token
+    # Revokes reach live sessions through the node's management API (plugins/rabbitmq/README.md).
+    env["AUTHHOOK_REVOCATION__RABBITMQ__URL"] = f"http://127.0.0.1:{management_port}"
+    env["AUTHHOOK_REVOCATION__RABBITMQ__USERNAME"] = admin_user
+    env["AUTHHOOK_REVOCATION__RABBITMQ__SECRET"] = admin_password
     world = tmp_path / "world.yaml"
     world.write_text(WORLD)
     base = [sys.executable, "-m", "authhook", "--store", f"sqlite:///{db}"]
@@ -242,7 +265,15 @@ def authhook(tmp_path: Path) -> Iterator[Authhook]:
         try:
             line = _read_line(server, 30)
             assert "authhook listening on http://127.0.0.1:" in line, f"{line!r}\n{_tail(stderr_path)}"
-            yield Authhook(url=line.strip().rsplit(" ", 1)[1], token=token, db=db, env=env)
+            yield Authhook(
+                url=line.strip().rsplit(" ", 1)[1],
+                token=token,
+                db=db,
+                env=env,
+                management_port=management_port,
+                admin_user=admin_user,
+                admin_password=admin_password,
+            )
         finally:
             server.send_signal(signal.SIGTERM)
             try:
@@ -287,7 +318,16 @@ class RabbitNode:
 def _rabbit_config(authhook: Authhook, mqtt_port: int, amqp_port: int) -> str:
     """rabbitmq.conf: every authn/authz question goes to authhook over HTTP POST, with the shared token."""
     lines = [
-        "auth_backends.1 = http",
+        # The management user (authhook's revocation calls) lives in the internal database, tried first; every
+        # MQTT client is unknown there and goes on to authhook. The node creates that user on first start, with
+        # a random password: no guest.
+        "auth_backends.1 = internal",
+        "auth_backends.2 = http",
+        f"default_user = {authhook.admin_user}",
+        f"default_pass = {authhook.admin_password}",
+        "default_user_tags.administrator = true",
+        f"management.tcp.port = {authhook.management_port}",
+        "management.tcp.ip = 127.0.0.1",
         "auth_http.http_method = post",
         *(
             f"auth_http.{kind}_path = {authhook.url}/rabbitmq/{kind}?token={authhook.token}"
@@ -314,7 +354,7 @@ def _rabbit_node(authhook: Authhook) -> Iterator[RabbitNode]:
         data.mkdir()
         log_dir.mkdir()
         (base / "rabbitmq.conf").write_text(_rabbit_config(authhook, mqtt_port, amqp_port))
-        (base / "enabled_plugins").write_text("[rabbitmq_mqtt,rabbitmq_auth_backend_http].\n")
+        (base / "enabled_plugins").write_text("[rabbitmq_mqtt,rabbitmq_auth_backend_http,rabbitmq_management].\n")
         pid_file = data / "node.pid"
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "ERL_"))}
         env.update(
@@ -344,7 +384,9 @@ def _rabbit_node(authhook: Authhook) -> Iterator[RabbitNode]:
             ) as proc,
         ):
             try:
-                _wait_for_tcp(mqtt_port, proc, time.monotonic() + NODE_START_TIMEOUT_S, stdout_path)
+                deadline = time.monotonic() + NODE_START_TIMEOUT_S
+                _wait_for_tcp(mqtt_port, proc, deadline, stdout_path)
+                _wait_for_tcp(authhook.management_port, proc, deadline, stdout_path)
                 yield node
             finally:
                 _stop_node(node, proc, pid_file)
@@ -383,7 +425,7 @@ def rabbit(authhook: Authhook) -> Iterator[RabbitNode]:
 class Device:
     """A paho client with events for everything the test waits on, so no wait can hang."""
 
-    def __init__(self, port: int, username: str, password: str, client_id: str) -> None:
+    def __init__(self, port: int, username: str, password: str, client_id: str, *, clean: bool = True) -> None:
         self.port = port
         self.connack = threading.Event()
         self.connack_failure: bool | None = None
@@ -398,7 +440,7 @@ class Device:
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=mqtt.MQTTv311,
-            clean_session=True,
+            clean_session=clean,
         )
         self.client.username_pw_set(username, password)
         # A refused connection must stay refused: no automatic reconnect (and re-sent publish) in our window.
@@ -491,8 +533,8 @@ def devices(port: int) -> Iterator[Any]:
     """A factory of connected devices that are all stopped at the end, whatever happened."""
     opened: list[Device] = []
 
-    def connect(username: str, client_id: str, password: str | None = None) -> Device:
-        device = Device(port, username, SECRETS[username] if password is None else password, client_id)
+    def connect(username: str, client_id: str, password: str | None = None, *, clean: bool = True) -> Device:
+        device = Device(port, username, SECRETS[username] if password is None else password, client_id, clean=clean)
         opened.append(device)
         return device.start()
 
@@ -619,3 +661,124 @@ def test_rabbitmq_enforces_authhook_decisions_end_to_end(authhook: Authhook, rab
         "no /resource grant for the subscriber's own queue"
     )
     assert not any(e["hook"] == "resource" and not e["allowed"] for e in events), "MQTT plumbing was refused"
+
+
+def authhook_revokes(authhook: Authhook) -> list[dict[str, Any]]:
+    return [e for e in authhook.decisions() if e["hook"] == "revoke"]
+
+
+def _context(authhook: Authhook, rabbit: RabbitNode) -> str:
+    shown = "\n".join(json.dumps(e) for e in authhook.decisions()[-30:])
+    return f"decisions:\n{shown}\nRabbitMQ log:\n{rabbit.logs()}"
+
+
+def test_a_client_id_of_another_tenant_is_refused_and_its_queue_stays_with_its_owner(
+    authhook: Authhook, rabbit: RabbitNode
+) -> None:
+    """The client-id takeover of issue 11: acme's device connecting with globex's persistent client id."""
+    port = rabbit.mqtt_port
+    victim_id = "globex-sub:persist"
+    queue = f"mqtt-subscription-{victim_id}qos1"
+    with devices(port) as connect:
+        # globex's subscriber holds a persistent session (clean session off) and goes away; a message is queued.
+        victim = connect("globex-sub", victim_id, clean=False)
+        assert victim.connack_failure is False, _context(authhook, rabbit)
+        refused, codes = victim.subscribe("m/globex/c/telemetry/#")
+        assert not refused, f"{codes}\n{_context(authhook, rabbit)}"
+        victim.stop()
+        publisher = connect("globex-dev", "globex-dev:pub")
+        assert publisher.publish("m/globex/c/telemetry/temp", b"queued-for-globex"), _context(authhook, rabbit)
+
+        # acme's device tries the victim's client id, and the bare username: both CONNECTs are refused.
+        for client_id in (victim_id, "globex-sub"):
+            thief = connect("acme-dev", client_id, clean=False)
+            assert thief.connack_failure is True, f"{client_id}\n{_context(authhook, rabbit)}"
+            assert not thief.received(b"queued-for-globex", QUIET_S / 3)
+
+        # Asked directly, as the issue did: the queue named after another's client id is not the caller's.
+        form = f"username=acme-dev&vhost=%2F&resource=queue&name={queue}&permission=read&client_id={victim_id}"
+        request = urllib.request.Request(
+            f"{authhook.url}/rabbitmq/resource?token={authhook.token}",
+            data=form.encode(),
+            headers={"content-type": "application/x-www-form-urlencoded"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            answer = response.read().decode()
+        assert answer == "deny", answer
+
+        # The owner comes back to its session and its queued message, untouched.
+        owner = connect("globex-sub", victim_id, clean=False)
+        assert owner.connack_failure is False, _context(authhook, rabbit)
+        assert owner.received(b"queued-for-globex", WAIT_S), _context(authhook, rabbit)
+
+        # While it is live, the takeover is refused again and does not kick it.
+        thief = connect("acme-dev", victim_id)
+        assert thief.connack_failure is True, _context(authhook, rabbit)
+        assert publisher.publish("m/globex/c/telemetry/temp", b"still-globex"), _context(authhook, rabbit)
+        assert owner.received(b"still-globex", WAIT_S), _context(authhook, rabbit)
+        assert not owner.disconnected.is_set(), _context(authhook, rabbit)
+
+    events = _wait_for_decision(
+        authhook, lambda e: e.get("reason") == "client_id_not_owned", "refusing the foreign client id", rabbit
+    )
+    refusals = [e for e in events if e.get("reason") == "client_id_not_owned"]
+    assert {e["hook"] for e in refusals} >= {"user", "resource"}, refusals
+
+
+def test_a_revoke_closes_exactly_the_affected_live_session_within_a_second(
+    authhook: Authhook, rabbit: RabbitNode
+) -> None:
+    """Disconnect, disable and rm from the CLI each close the session they affect; the others keep working."""
+    port = rabbit.mqtt_port
+    topic = "m/acme/c/telemetry/temp"
+    latencies: dict[str, float] = {}
+
+    def revoke(what: str, device: Device, *args: str) -> None:
+        authhook.cli(*args)
+        committed = time.monotonic()  # the CLI exits after its transaction committed
+        closed = device.disconnected.wait(REVOKE_WITHIN_S * 5)
+        latencies[what] = time.monotonic() - committed
+        assert closed, f"{what}: the session is still open\n{_context(authhook, rabbit)}"
+        assert latencies[what] <= REVOKE_WITHIN_S, f"{what}: closed after {latencies[what]:.3f}s"
+
+    with devices(port) as connect:
+        acme_sub = connect("acme-sub", "acme-sub:live")
+        assert not acme_sub.subscribe("m/acme/c/telemetry/#")[0], _context(authhook, rabbit)
+        dev = connect("acme-dev", "acme-dev:live")
+        dev2 = connect("acme-dev2", "acme-dev2:live")
+        globex_sub = connect("globex-sub", "globex-sub:live")
+        assert not globex_sub.subscribe("m/globex/c/telemetry/#")[0], _context(authhook, rabbit)
+        globex_dev = connect("globex-dev", "globex-dev:live")
+        for device, payload in ((dev, b"a-1"), (dev2, b"a-2")):
+            assert device.publish(topic, payload), _context(authhook, rabbit)
+            assert acme_sub.received(payload, WAIT_S), _context(authhook, rabbit)
+        assert globex_dev.publish("m/globex/c/telemetry/kwh", b"g-1"), _context(authhook, rabbit)
+        assert globex_sub.received(b"g-1", WAIT_S), _context(authhook, rabbit)
+
+        # 1. acme-dev loses its publish right on the channel it used: its connection is closed.
+        revoke("disconnect", dev, "disconnect", "acme", "acme-dev", "telemetry", "--actions", "publish")
+        assert dev2.publish(topic, b"a-3") and acme_sub.received(b"a-3", WAIT_S), _context(authhook, rabbit)
+
+        # 2. The subscriber is disabled: its connection is closed; the publisher that is left goes on.
+        revoke("disable", acme_sub, "client", "disable", "acme-sub")
+        assert dev2.publish(topic, b"a-4"), _context(authhook, rabbit)
+
+        # 3. globex's subscriber is removed: closed; globex's publisher and acme's are untouched.
+        revoke("rm", globex_sub, "client", "rm", "globex-sub")
+        assert globex_dev.publish("m/globex/c/telemetry/kwh", b"g-2"), _context(authhook, rabbit)
+        for untouched in (dev2, globex_dev):
+            assert not untouched.disconnected.is_set(), _context(authhook, rabbit)
+
+    expected = {"acme-dev", "acme-sub", "globex-sub"}
+    events = _wait_for_decision(
+        authhook,
+        lambda _: {e["username"] for e in authhook_revokes(authhook)} == expected,
+        "closing the three revoked sessions",
+        rabbit,
+    )
+    closed = [e for e in events if e["hook"] == "revoke"]
+    assert all(e["reason"] == "session_closed" for e in closed), closed
+    assert {e["username"] for e in closed} == expected, closed
+    out = os.environ.get("AUTHHOOK_BENCH_REVOKE_OUT")
+    if out:  # bench/revoke_latency.py collects the figures from here
+        Path(out).write_text(json.dumps(latencies))
