@@ -1,12 +1,26 @@
 """mosquitto-go-auth HTTP backend: ``POST /mosquitto-go-auth/user``, ``/superuser``, ``/acl``.
 
-Parameters arrive as JSON or as a form (``http_params_mode``); the answer follows the plugin's
-``http_response_mode``, which authhook's ``brokers.mosquitto_response_mode`` must match:
+Parameters arrive as JSON or as a form (``http_params_mode``). The answer's body follows the plugin's
+``http_response_mode`` (authhook's ``brokers.mosquitto_response_mode``), but the *status* alone already
+says allow, deny or failure, so the answer is read the same in every mode:
 
-| mode   | allow                         | deny                                   | failure (store down) |
-| status | 200                           | 403                                    | 503                  |
-| json   | 200 ``{"ok":true,"error":""}`` | 200 ``{"ok":false,"error":"<reason>"}`` | 503 json             |
-| text   | 200 ``ok``                    | 403 ``<reason>``                       | 503 ``<reason>``     |
+| mode   | allow                          | deny                                    | failure (store down)     |
+| status | 200                            | 403                                     | 503                      |
+| json   | 200 ``{"ok":true,"error":""}`` | 403 ``{"ok":false,"error":"<reason>"}`` | 503 ``{"ok":false,...}`` |
+| text   | 200 ``ok``                     | 403 ``<reason>``                        | 503 ``<reason>``         |
+
+Fail closed whatever the plugin is set to. The plugin reads a 4xx as a deny in every response mode, a 5xx
+as an error; only a 2xx can allow, and in ``status`` mode (its default) *any* 2xx allows, whatever the body
+says. A deny sent as 200 ``{"ok":false}`` would therefore be an allow to a plugin left at ``status`` while
+authhook says ``json``: a wrong secret connects, another tenant's topic is granted. So a deny is a 403 in
+every mode, and a mismatch between the two settings costs at most the reason in the plugin's log.
+
+| authhook answers       | plugin reads it, in status / json / text mode             |
+| allow: 200             | allow / allow (``ok`` true) / allow (body ``ok``)         |
+| deny: 403              | deny in every mode                                        |
+| malformed input: 400   | deny in every mode                                        |
+| bad or no token: 401   | deny in every mode (from the edge, authhook.server.edge)  |
+| failure: 503, or 500   | error in every mode: not cached, retried, then refused    |
 
 A failure is a 5xx on purpose: the plugin treats it as an error (not cached, retried, then refused)
 rather than caching a deny. ``acc``: 1 read (a delivery: the subscriber's subscribe right on the concrete
@@ -57,12 +71,11 @@ def acl_requests(data: dict[str, Any]) -> list[AuthzRequest]:
 
 
 def answer(verdict: Verdict, mode: str) -> web.Response:
+    """The status says it all (200 allow, 403 deny, 503 failure); the body is the mode's, for the plugin's log."""
     status = 200 if verdict.allowed else 503 if verdict.failed else 403
     if mode == "json":
         ok = verdict.allowed
-        return web.json_response(
-            {"ok": ok, "error": "" if ok else verdict.reason.value}, status=200 if ok or not verdict.failed else 503
-        )
+        return web.json_response({"ok": ok, "error": "" if ok else verdict.reason.value}, status=status)
     if mode == "text":
         return web.Response(text="ok" if verdict.allowed else verdict.reason.value, status=status)
     return web.Response(status=status)

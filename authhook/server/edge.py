@@ -1,13 +1,34 @@
 """The HTTP edge: every route is mounted through it.
 
 It does two things for each request: the webhook token check (on broker and API routes; health is open),
-and turning every error into a small JSON answer with a stable code - never a traceback.
+and turning every error into a small answer with a stable code - never a traceback.
+
+Every refusal the edge makes itself (no or wrong token, an unreadable or oversized body the handler let
+through, an unknown path or method, a handler that failed) goes out through the route's *refusal*: the
+answer its caller reads as "no". It is chosen once per route, when the route is mounted, so the hot path
+pays nothing for it. What each broker gets, and why it cannot read it as an allow:
+
+| broker (path prefix)            | edge refusal                            | how the broker reads it                 |
+| EMQX ``/emqx/``                 | 200 ``{"result":"deny","reason":code}`` | deny (any other status is ``ignore``,   |
+|                                 |                                         | then ``no_match``: allow in EMQX 5)     |
+| go-auth ``/mosquitto-go-auth/`` | 401/400/404/405/413 JSON; 500           | 4xx: deny in every response mode;       |
+|                                 |                                         | 5xx: error (refused, not cached)        |
+| VerneMQ ``/vernemq``            | 401/400/404/405/413/500 JSON            | not a 200: error, refused               |
+| RabbitMQ ``/rabbitmq/``         | 401/400/404/405/413/500 JSON            | not a 200: error, refused (like a deny, |
+|                                 |                                         | a login then tries the next backend)    |
+
+The adapters' own denials are in each broker module; tests/test_fail_closed.py puts every one of them, and
+every refusal here, through each broker's reading rule. One answer escapes the edge: aiohttp itself answers
+400 to a request it cannot parse (say, a request line or a header over 8 KiB) before any route runs. EMQX's
+requests are shaped by its configuration, so only a URL template carrying client values could get there;
+``authorization.no_match = deny`` (plugins/emqx/emqx.conf) covers it, as it covers authhook being down.
 
 It wraps each route's handler instead of being an aiohttp middleware. A middleware costs every request
 aiohttp's per-application wrapping (a ``functools.partial`` and a contextlib manager that sets
 ``current_app``, around one more coroutine); under callgrind that came to ~19,000 instructions a request,
 6 % of a cache-hit ``/emqx/authz`` round trip. The wrapper here costs one extra await. Paths no route
-claims reach a catch-all route mounted last, which answers 404 or 405 in the same JSON shape.
+claims reach a catch-all route, which answers 404 or 405 through the same refusal: one catch-all behind the
+token for each protected prefix, and an open one mounted last.
 """
 
 from __future__ import annotations
@@ -20,15 +41,15 @@ import orjson
 from aiohttp import hdrs, web
 from aiohttp.web_routedef import AbstractRouteDef
 
-from authhook.brokers.common import MAX_BODY_KEY
+from authhook.brokers.common import JSON_HEADERS, MAX_BODY_KEY
 from authhook.config import Settings
 
 log = logging.getLogger("authhook.server")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Refusal = Callable[[int, str, str], web.Response]
+"""How a route says no: (the HTTP status the refusal stands for, a stable code, a one-line message)."""
 
-# Paths that need the token; the catch-all checks it before saying whether such a path exists.
-PROTECTED_PREFIXES = ("/emqx/", "/vernemq", "/mosquitto-go-auth/", "/rabbitmq/", "/v1/")
 UNAUTHORIZED = b'{"error":"unauthorized"}'  # says nothing more, on purpose
 
 
@@ -40,6 +61,40 @@ def error_response(status: int, code: str, message: str) -> web.Response:
     return web.Response(
         body=orjson.dumps({"error": code, "message": message}), status=status, content_type="application/json"
     )
+
+
+def http_refusal(status: int, code: str, message: str) -> web.Response:
+    """The status as it is, with a JSON body naming the code; a 401 says nothing but ``unauthorized``."""
+    if status == 401:
+        return web.Response(body=UNAUTHORIZED, status=401, content_type="application/json")
+    return error_response(status, code, message)
+
+
+def emqx_refusal(status: int, code: str, message: str) -> web.Response:
+    """A 200 ``deny``: any other status is EMQX's ``ignore``, which ``no_match`` (allow by default) decides.
+
+    A deny tells an unauthenticated caller nothing a 401 would not: the reason is the code alone.
+    """
+    return web.Response(body=orjson.dumps({"result": "deny", "reason": code}), headers=JSON_HEADERS)
+
+
+# Path prefixes that need the token, with the refusal their callers read as a deny. Each has a catch-all behind
+# the token, so a caller without it cannot tell which paths exist under the prefix.
+PROTECTED: tuple[tuple[str, Refusal], ...] = (
+    ("/emqx/", emqx_refusal),
+    ("/vernemq", http_refusal),
+    ("/mosquitto-go-auth/", http_refusal),
+    ("/rabbitmq/", http_refusal),
+    ("/v1/", http_refusal),
+)
+
+
+def refusal_for(path: str) -> Refusal:
+    """The refusal a route at ``path`` answers with."""
+    for prefix, refusal in PROTECTED:
+        if path.startswith(prefix):
+            return refusal
+    return http_refusal
 
 
 class Edge:
@@ -55,24 +110,13 @@ class Edge:
         self._expected = token.get_secret_value() if token is not None else None
         self._header, self._query_param = settings.webhook.header, settings.webhook.query_param
 
-    def admitted(self, request: web.Request) -> bool:
-        """Does this request carry the token (or is none configured)?"""
-        if self._expected is None:
-            return True
-        offered = request.headers.get(self._header) or request.query.get(self._query_param) or ""
-        try:
-            return hmac.compare_digest(offered, self._expected)
-        except TypeError:  # non-ASCII text (or bytes aiohttp could not decode) is never the ASCII token
-            return False
-
-    def guard(self, handler: Handler, *, token: bool = True) -> Handler:
-        """``handler`` behind the token check (when ``token``) and the error answers."""
+    def guard(self, handler: Handler, *, token: bool = True, refusal: Refusal = http_refusal) -> Handler:
+        """``handler`` behind the token check (when ``token``), refusing and failing through ``refusal``."""
         expected = self._expected if token else None
         header, query_param = self._header, self._query_param
 
         async def guarded(request: web.Request) -> web.StreamResponse:
-            # ``admitted``, written out: every broker callback passes here, and the call cost more than the
-            # check itself. tests/test_brokers.py holds the two to the same answers.
+            # The only token check: every broker callback passes here, so it is written inline.
             if expected is not None:
                 offered = request.headers.get(header) or request.query.get(query_param) or ""
                 try:
@@ -80,56 +124,56 @@ class Edge:
                 except TypeError:  # non-ASCII text (or bytes aiohttp could not decode) is never the token
                     admitted = False
                 if not admitted:
-                    return web.Response(body=UNAUTHORIZED, status=401, content_type="application/json")
+                    return refusal(401, "unauthorized", "unauthorized")
             try:
                 return await handler(request)
             except Exception as exc:
-                return failure_response(request, exc)
+                return failure_response(request, exc, refusal)
 
         return guarded
 
-    async def unmatched(self, request: web.Request) -> web.StreamResponse:
-        """No route claims this method and path: 405 if another method would do, else 404.
 
-        On a protected path the token is checked first, so a caller without it cannot tell which paths
-        exist (it gets 401 for every method).
-        """
-        if request.path.startswith(PROTECTED_PREFIXES) and not self.admitted(request):
-            return web.Response(body=UNAUTHORIZED, status=401, content_type="application/json")
+CATCH_ALL_TAIL = "{tail}"  # how aiohttp writes the catch-alls' ``{tail:.*}`` in a canonical path
+
+
+def unmatched(refusal: Refusal) -> Handler:
+    """A catch-all handler: 405 when another method would do on this path, else 404, through ``refusal``."""
+
+    async def answer(request: web.Request) -> web.StreamResponse:
         allowed: set[str] = set()
         for resource in request.app.router.resources():
-            if resource.canonical != CATCH_ALL:
+            if not resource.canonical.endswith(CATCH_ALL_TAIL):
                 allowed |= (await resource.resolve(request))[1]
         if allowed:
-            response = error_response(405, "method_not_allowed", "method not allowed")
-            response.headers[hdrs.ALLOW] = ",".join(sorted(allowed))
+            response = refusal(405, "method_not_allowed", "method not allowed")
+            if response.status == 405:
+                response.headers[hdrs.ALLOW] = ",".join(sorted(allowed))
             return response
-        return error_response(404, "not_found", "not found")
+        return refusal(404, "not_found", "not found")
+
+    return answer
 
 
-CATCH_ALL = "/{tail}"
-
-
-def failure_response(request: web.Request, exc: Exception) -> web.StreamResponse:
-    """The JSON answer for an exception a handler let through."""
+def failure_response(request: web.Request, exc: Exception, refusal: Refusal = http_refusal) -> web.StreamResponse:
+    """The answer for an exception a handler let through."""
     if isinstance(exc, MalformedBody):
-        return error_response(400, "malformed_body", str(exc))
+        return refusal(400, "malformed_body", str(exc))
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
-        return error_response(413, "body_too_large", f"body exceeds {request.app[MAX_BODY_KEY]} bytes")
+        return refusal(413, "body_too_large", f"body exceeds {request.app[MAX_BODY_KEY]} bytes")
     if isinstance(exc, web.HTTPException) and exc.status >= 400:
-        return error_response(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason.lower())
+        return refusal(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason.lower())
     if isinstance(exc, web.HTTPException):
         raise exc  # a redirect or another non-error answer aiohttp sends as it is
     log.error("unhandled error on %s %s", request.method, request.path, exc_info=exc)
-    return error_response(500, "internal_error", "internal error")
+    return refusal(500, "internal_error", "internal error")
 
 
 def mount(app: web.Application, edge: Edge, routes: Iterable[AbstractRouteDef], *, token: bool = True) -> None:
-    """Add ``routes`` to ``app``, each behind ``edge``."""
+    """Add ``routes`` to ``app``, each behind ``edge`` with the refusal its path's callers read as a deny."""
     for route in routes:
         if not isinstance(route, web.RouteDef):
             raise TypeError(f"only handler routes can be mounted behind the edge, not {route!r}")
-        guarded = edge.guard(route.handler, token=token)
+        guarded = edge.guard(route.handler, token=token, refusal=refusal_for(route.path))
         if route.method == hdrs.METH_GET:  # add_get also answers HEAD (its `allow_head`)
             app.router.add_get(route.path, guarded, **route.kwargs)
         else:
@@ -137,5 +181,11 @@ def mount(app: web.Application, edge: Edge, routes: Iterable[AbstractRouteDef], 
 
 
 def mount_catch_all(app: web.Application, edge: Edge) -> None:
-    """Mount last: the JSON 404/405 for everything no route claims."""
-    app.router.add_route(hdrs.METH_ANY, "/{tail:.*}", edge.guard(edge.unmatched, token=False))
+    """Mount last: the 404/405 for everything no route claims, behind the token under protected prefixes.
+
+    aiohttp tries the resources of the longest matching path prefix first, so a route's own path always
+    wins over these, and each protected prefix's catch-all wins over the open one.
+    """
+    for prefix, refusal in PROTECTED:
+        app.router.add_route(hdrs.METH_ANY, prefix + "{tail:.*}", edge.guard(unmatched(refusal), refusal=refusal))
+    app.router.add_route(hdrs.METH_ANY, "/{tail:.*}", edge.guard(unmatched(http_refusal), token=False))
