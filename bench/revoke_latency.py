@@ -4,11 +4,12 @@
 
 Each round runs the end-to-end test ``test_a_revoke_closes_exactly_the_affected_live_session_within_a_second``
 (a private RabbitMQ 3.10 node with its management plugin, a real ``authhook serve`` with
-``revocation.rabbitmq`` configured, paho clients), which times three revokes made through the CLI: a
-``disconnect`` of a publish right, a ``client disable`` and a ``client rm``. The clock starts when the CLI
-exits (its transaction has committed) and stops when the client sees its connection closed, so the figure
-includes the watcher's poll interval (50 ms), the re-check, the management API's list and close calls and
-the broker's close. A new node per round, so rounds do not share warm state.
+``revocation.rabbitmq`` configured, paho clients), which times three revokes: a ``disconnect`` of a publish
+right, a ``client disable`` and a ``client rm``. Under this bench the test makes those changes through the
+store API in its own process on the server's SQLite file (in CI it uses the CLI, whose commit lies somewhere
+inside a ~1 s process run), so the clock starts right after the commit and stops when paho reports the
+connection closed: the figure includes the watcher's poll interval (50 ms), the re-check, the management
+API's list and close calls and the broker's close. A new node per round, so rounds do not share warm state.
 """
 
 from __future__ import annotations
