@@ -345,6 +345,17 @@ class PDP:
             return Refusal(Reason.UNKNOWN_SUBJECT, f"no client or user `{username}`")
         return await self.client_ids.check(username, client_id, credential.subject.tenant)
 
+    async def pushed_acl(self, username: str, tenant: str | None, grants: Grants) -> None:
+        """A broker will enforce ``grants`` locally for the session (EMQX's ``acl``): remember them, so the
+        revocation watcher closes the session when they shrink. The revision is read after the grants were,
+        so it is never older than what they show."""
+        if self.sessions.track_pairs:
+            try:
+                revision = await self.store.revision()
+            except AuthhookError:
+                revision = 2**62  # unknown: newer than any claim, so a later loss is always acted on
+            self.sessions.pushed_acl(username, tenant, grants, revision)
+
     async def evaluate_fresh(self, request: AuthzRequest) -> Verdict:
         """The evaluator's answer now: no cache, no decision-log event, never raises (failures fail closed)."""
         target = self.resolve(request)

@@ -170,3 +170,4 @@ def add_routes(routes: web.RouteTableDef, pdp: PDP, settings: Settings) -> None:
 
     routes.post("/emqx/authn")(authn)
     routes.post("/emqx/authz")(authz)
+                    await pdp.pushed_acl(username, decision.verdict.subject_tenant, grants)
