@@ -127,9 +127,10 @@ class BrokerSettings(BaseModel):
     )
     emqx_return_acl: bool = Field(
         default=False,
-        description="answer a successful EMQX CONNECT with the client's whole ACL, which EMQX then enforces "
-        "locally for the session: fewer calls, but a revoke only reaches the client when it reconnects "
-        "or the ACL expires (`emqx_acl_ttl_s`)",
+        description="answer a successful EMQX CONNECT with the client's ACL, which EMQX then enforces locally "
+        "for the session (what it cannot express exactly is still asked over HTTP). Safe with "
+        "`revocation.emqx`: a change that shrinks the ACL kicks the session at once; without it a revoke "
+        "waits for the client to reconnect or the ACL to expire (`emqx_acl_ttl_s`)",
     )
     emqx_acl_ttl_s: int = Field(
         default=300,
