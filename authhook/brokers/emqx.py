@@ -137,6 +137,7 @@ def add_routes(routes: web.RouteTableDef, pdp: PDP, settings: Settings) -> None:
             if decision.allowed and settings.brokers.emqx_return_acl and username is not None:
                 grants = await pdp.grants(username)
                 if grants is not None:  # without a complete list, EMQX keeps asking per PUBLISH/SUBSCRIBE
+                    await pdp.pushed_acl(username, decision.verdict.subject_tenant, grants)
                     return json_answer(
                         {
                             **answer(decision.verdict, settings, authn=True),
@@ -170,4 +171,3 @@ def add_routes(routes: web.RouteTableDef, pdp: PDP, settings: Settings) -> None:
 
     routes.post("/emqx/authn")(authn)
     routes.post("/emqx/authz")(authz)
-                    await pdp.pushed_acl(username, decision.verdict.subject_tenant, grants)
