@@ -49,7 +49,7 @@ class SubjectWatch:
     overflow: bool = False
     acl: Grants | None = None  # the grants last pushed to a broker at CONNECT (EMQX ``acl``)
     acl_at: int = 0
-    slot_value: int = -1  # the revision-board value of the subject's tenant slot when last checked (-1: check)
+    slot_value: int = -1  # the revision-board value of the subject's tenant slot when last checked
     identity_value: int = -1
     checked_at: int = -1  # the store revision the last check ran at
 
@@ -62,7 +62,11 @@ class SessionRegistry:
         self.max_pairs = max_pairs
         self.track_pairs = track_pairs
         self._sessions: OrderedDict[tuple[str, str], Session] = OrderedDict()
+        self._by_username: dict[str, set[tuple[str, str]]] = {}
         self._subjects: dict[str, SubjectWatch] = {}
+        # Subjects to re-check on the next pass whatever the board says: new ones, and those that got an
+        # allow decided before a change the watcher had already checked them for.
+        self.pending: set[str] = set()
 
     # -- learning -------------------------------------------------------------------------------
     def connected(
@@ -77,18 +81,28 @@ class SessionRegistry:
         node: str | None = None,
     ) -> Session:
         key = (broker, client_id)
-        self._sessions.pop(key, None)
+        self._forget_session(key)
         session = self._sessions[key] = Session(broker, client_id, username, tenant, peer, time.time(), node)
+        self._by_username.setdefault(username, set()).add(key)
         while len(self._sessions) > self.max_sessions:
-            self._sessions.popitem(last=False)
+            self._forget_session(next(iter(self._sessions)))
         watch = self._watch(username, tenant)
         watch.connected_at = revision
         if revision < watch.checked_at:
-            watch.slot_value = -1
+            self.pending.add(username)
         return session
 
     def disconnected(self, broker: str, client_id: str) -> None:
-        self._sessions.pop((broker, client_id), None)
+        self._forget_session((broker, client_id))
+
+    def _forget_session(self, key: tuple[str, str]) -> None:
+        session = self._sessions.pop(key, None)
+        if session is not None:
+            keys = self._by_username.get(session.username)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._by_username[session.username]
 
     def allowed(self, username: str, tenant: str | None, action: Action, topic: str, revision: int) -> None:
         """Remember an allow this instance gave (the latest revision wins: see ``revoker``)."""
@@ -101,7 +115,7 @@ class SessionRegistry:
         pairs[pair] = revision
         if revision < watch.checked_at:
             # Decided before a change the watcher has already checked this subject for: check it again.
-            watch.slot_value = -1
+            self.pending.add(username)
 
     def pushed_acl(self, username: str, tenant: str | None, grants: Grants, revision: int) -> None:
         watch = self._watch(username, tenant)
@@ -111,11 +125,12 @@ class SessionRegistry:
         watch = self._subjects.get(username)
         if watch is None or watch.tenant != tenant:
             watch = self._subjects[username] = SubjectWatch(username, tenant)
+            self.pending.add(username)
         return watch
 
     # -- reading --------------------------------------------------------------------------------
     def sessions_of(self, username: str) -> list[Session]:
-        return [s for s in self._sessions.values() if s.username == username]
+        return [self._sessions[key] for key in self._by_username.get(username, ())]
 
     def sessions(self) -> list[Session]:
         return list(self._sessions.values())
@@ -133,8 +148,8 @@ class SessionRegistry:
         Pairs still allowed are kept: the decision cache may keep serving them to the subject's next
         session without this instance hearing of it again, and a later revoke must still find them.
         """
-        for key in [k for k, s in self._sessions.items() if s.username == username]:
-            del self._sessions[key]
+        for key in list(self._by_username.get(username, ())):
+            self._forget_session(key)
         watch = self._subjects.get(username)
         if watch is None:
             return

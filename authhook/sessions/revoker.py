@@ -99,16 +99,23 @@ class RevocationWatcher:
         sequence = board.sequence()
         if sequence % 2:  # a write is in flight (or the change feed is lost): look again next poll
             return []
-        if sequence == self._last_sequence and not any(w.slot_value < 0 for w in self._registry.watches()):
+        pending = self._registry.pending
+        if sequence == self._last_sequence and not pending:
             return []
         self._last_sequence = sequence
         identity = board.read(IDENTITY_SLOT)
         results: list[CloseResult] = []
         for watch in self._registry.watches():
             slot_value = board.read(tenant_slot(watch.tenant)) if watch.tenant is not None else identity
-            if slot_value == watch.slot_value and identity == watch.identity_value:
+            unmoved = slot_value == watch.slot_value and identity == watch.identity_value
+            if unmoved and watch.username not in pending:
                 continue
-            finding = await self._recheck(watch)
+            try:
+                finding = await self._recheck(watch)
+            except Exception:
+                log.exception("re-checking `%s` failed; it is tried again on the next pass", watch.username)
+                self._registry.pending.add(watch.username)
+                finding = None
             if finding is None:
                 continue
             results += await self._act(finding)
@@ -127,13 +134,16 @@ class RevocationWatcher:
         revision = -1
 
         def fresh(verdict: Verdict) -> bool:
+            """Whether a real answer came; on a failure the subject stays pending for the next pass."""
             nonlocal revision
             revision = max(revision, verdict.revision)
+            if verdict.failed:
+                self._registry.pending.add(username)
             return not verdict.failed
 
         connect = await pdp.evaluate_fresh(AuthzRequest(subject=Subject(username=username), action=Action.CONNECT))
         if not fresh(connect):
-            return None  # slots left unmarked: tried again next pass
+            return None  # left pending (slots unmarked): tried again next pass
         connect_denied = not connect.allowed
         if connect_denied:
             causes.append(f"connect: {connect.reason.value}")
@@ -167,6 +177,7 @@ class RevocationWatcher:
                 causes.append("a change in its tenant, with more allowed topics than the registry remembers")
                 allowed_since = max([watch.connected_at or 0, *watch.pairs.values()])
         watch.slot_value, watch.identity_value, watch.checked_at = slot_value, identity, revision
+        self._registry.pending.discard(username)
         if not causes:
             return None
         return Finding(
