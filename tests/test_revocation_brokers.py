@@ -126,3 +126,19 @@ async def test_a_vernemq_session_is_disconnected_and_the_webhook_cache_cleared(d
         finally:
             await client.close()
             await watcher.stop()
+
+
+async def test_vernemq_offline_and_gone_hooks_drop_the_session_from_the_registry(demo: PDP) -> None:
+    client, watcher = await app_client(demo, RevocationSettings())
+    try:
+        hooks = {"vernemq-hook": "auth_on_register", **AUTH}
+        register = {"username": "acme-thermo-1", "password": SECRET, "client_id": CLIENT_ID, "peer_addr": ""}
+        assert (await (await client.post("/vernemq", json=register, headers=hooks)).json()) == {"result": "ok"}
+        assert [s.client_id for s in demo.sessions.sessions_of("acme-thermo-1")] == [CLIENT_ID]
+        hooks["vernemq-hook"] = "on_client_offline"
+        gone = await client.post("/vernemq", json={"mountpoint": "", "client_id": CLIENT_ID}, headers=hooks)
+        assert (gone.status, await gone.json()) == (200, {"result": "ok"})
+        assert demo.sessions.sessions_of("acme-thermo-1") == []
+    finally:
+        await client.close()
+        await watcher.stop()

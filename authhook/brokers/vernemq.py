@@ -24,6 +24,8 @@ BROKER = "vernemq"
 REGISTER_HOOKS = frozenset({"auth_on_register", "auth_on_register_m5"})
 PUBLISH_HOOKS = frozenset({"auth_on_publish", "auth_on_publish_m5"})
 SUBSCRIBE_HOOKS = frozenset({"auth_on_subscribe", "auth_on_subscribe_m5"})
+# Notifications that a session ended (the answer is ignored); they keep the session registry current.
+GONE_HOOKS = frozenset({"on_client_offline", "on_client_gone"})
 REJECTED_QOS = {"auth_on_subscribe": 128, "auth_on_subscribe_m5": 135}
 
 
@@ -108,6 +110,8 @@ def add_routes(routes: web.RouteTableDef, pdp: PDP, settings: Settings) -> None:
 
     async def webhook(request: web.Request) -> web.Response:
         hook = request.headers.get("vernemq-hook", "")
+        if hook in GONE_HOOKS:
+            return await session_gone(request)
         if hook not in REGISTER_HOOKS | PUBLISH_HOOKS | SUBSCRIBE_HOOKS:
             # Other deciding hooks (on_unsubscribe, on_deliver, on_auth_m5) are not ours to decide.
             return json_answer({"result": "next"} if hook else {"result": {"error": "missing_hook_header"}})
@@ -143,5 +147,16 @@ def add_routes(routes: web.RouteTableDef, pdp: PDP, settings: Settings) -> None:
             return respond(subscribe_answer(hook, [entry for entry, _ in pairs], verdicts, settings))
         except orjson.JSONEncodeError:
             return refused(Malformed("a subscription entry cannot be echoed back as json"), action, hook)
+
+    async def session_gone(request: web.Request) -> web.Response:
+        # A notification (VerneMQ ignores the answer): the session registry forgets the client, so a later
+        # revoke does not try to close a session that no longer exists.
+        try:
+            client_id = text(await read_fields(request), "client_id")
+        except Malformed:
+            client_id = None
+        if client_id is not None:
+            pdp.sessions.disconnected(BROKER, client_id)
+        return json_answer({"result": "ok"})
 
     routes.post("/vernemq")(webhook)
