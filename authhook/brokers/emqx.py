@@ -32,7 +32,7 @@ from authhook.config import Settings
 from authhook.evaluators.base import Grants
 from authhook.models import Action, AuthzRequest, CacheKey, Subject, Verdict, request_cache_key
 from authhook.pdp import PDP
-from authhook.topics import TopicTemplate
+from authhook.topics import TopicTemplate, filters_overlap
 
 BROKER = "emqx"
 _ACCESS = {"1": Action.SUBSCRIBE, "2": Action.PUBLISH}  # EMQX 4 compatible `${access}`
@@ -86,21 +86,102 @@ def keyed_authz_request(data: dict[str, Any]) -> tuple[AuthzRequest, CacheKey]:
     return request, request_cache_key(request)
 
 
-def acl_rules(grants: Grants, template: TopicTemplate) -> list[dict[str, Any]]:
-    """EMQX 5.8 ``acl`` rules (first match wins) equivalent to the grants, ending in ``deny all #``."""
-    rules: list[dict[str, Any]] = [
-        {"permission": "allow" if allowed else "deny", "action": action.value, "topic": topic_filter}
-        for topic_filter, action, allowed in grants.system
-    ]
-    suffix = "/#" if template.has_subtopic else ""  # '#' also matches the channel topic itself
-    for action in (Action.PUBLISH, Action.SUBSCRIBE):
-        if action in grants.tenant_wide:
-            topics = [template.topic_for(grants.tenant, "+") + suffix]
+ACL_MAX_CHANNELS = 1000  # per action; a longer list is left out and that action is asked over HTTP instead
+_PLACEHOLDER = "${"  # EMQX renders ${username} / ${clientid} in rule topics: such a filter cannot be sent as is
+
+
+def _rule(permission: str, action: Action, topics: list[str]) -> dict[str, Any]:
+    return {"permission": permission, "action": action.value, "topics": topics}
+
+
+def _system_rules(grants: Grants, action: Action) -> list[dict[str, Any]]:
+    """The ``$``-topic blocks for one action, written only where EMQX's first match gives authhook's answer.
+
+    Every deny rule is safe: when EMQX's rule matches the request, the block's filter overlaps it and
+    ``decide`` denies too. An allow rule is written only if EMQX cannot reach it with a request authhook
+    denies. For publish the request is a topic name, so after all the denies an allow matches exactly the
+    names its block grants. For subscribe the request is a filter, and EMQX matches a rule's ``+`` against any
+    level of it, a literal ``+`` or ``#`` included (``$SYS/broker/+`` admits ``$SYS/broker/#``), while
+    ``decide`` wants the filter covered. So a subscribe allow is written only without ``+`` (then EMQX's match
+    is coverage), and only if no deny block overlaps it: a deny that overlaps a filter without matching it
+    (``$SYS/broker/secret/#`` against ``$SYS/#``) would otherwise be passed over. What is left out falls
+    through to the HTTP source, which asks authhook; a trailing ``deny ... #`` never hides that, because EMQX
+    does not match a ``$`` topic against a rule starting with ``+`` or ``#``.
+    """
+    entries = [(ref, allowed) for ref, of, allowed in grants.system if of is action]
+    denies = [ref for ref, allowed in entries if not allowed]
+    allows = [ref for ref, allowed in entries if allowed and _PLACEHOLDER not in ref]
+    if any(_PLACEHOLDER in ref for ref in denies):
+        allows = []  # that deny cannot be written, so nothing it should take away may be allowed after it
+    if action is Action.SUBSCRIBE:
+        allows = [
+            ref
+            for ref in allows
+            if "+" not in ref.split("/") and not any(filters_overlap(deny, ref) for deny in denies)
+        ]
+    rules = []
+    written = [ref for ref in denies if _PLACEHOLDER not in ref]
+    if written:
+        rules.append(_rule("deny", action, written))
+    if allows:
+        rules.append(_rule("allow", action, allows))
+    return rules
+
+
+def _channel_topics(grants: Grants, template: TopicTemplate, action: Action) -> list[str] | None:
+    """Rule topics admitting exactly the action on the subject's allowed channels; None when too many.
+
+    One rule topic per existing channel, never a ``+`` in the channel level: EMQX would match it against a
+    nonexistent channel, an empty level, or a client's literal ``+``/``#`` alike, all of which authhook
+    refuses. With a ``{subtopic}`` template ``<channel topic>/#`` is exactly the channel's topics and every
+    filter inside them (``#`` also matches the channel topic itself); without one, the channel topic, and
+    for subscribe also ``eq <channel topic>/#``, the one longer filter authhook accepts.
+    """
+    channels = grants.channels.get(action, ())
+    if len(channels) > ACL_MAX_CHANNELS:
+        return None
+    topics: list[str] = []
+    for channel in channels:
+        topic = template.topic_for(grants.tenant, channel)
+        if template.has_subtopic:
+            topics.append(topic + "/#")
         else:
-            topics = [template.topic_for(grants.tenant, channel) + suffix for channel in grants.channels[action]]
+            topics.append(topic)
+            if action is Action.SUBSCRIBE:
+                topics.append(f"eq {topic}/#")
+    return topics
+
+
+def acl_rules(grants: Grants, template: TopicTemplate) -> list[dict[str, Any]]:
+    """EMQX 5.8 ``acl`` rules (first match wins) that decide a request only where authhook would decide it
+    the same way; a request no rule matches falls through to the HTTP source, which asks ``/emqx/authz``.
+
+    Modelled on ``emqx_authz_rule`` / ``emqx_topic:match/2`` (EMQX 5.8): the request's topic or filter is
+    split on ``/`` and matched word by word against each rule topic, where only the rule's ``+`` and ``#`` are
+    wildcards (a ``+`` or ``#`` in the client's filter is a word like any other), ``#`` also matches nothing,
+    a first word starting with ``$`` is never matched by a rule's leading ``+`` or ``#``, and ``eq T`` matches
+    the string T alone. A shared subscription is authorized on its inner filter (EMQX strips ``$share/<g>/``
+    and ``$queue/`` before asking, ``emqx_channel``), so one set of rules serves both.
+
+    The list: the ``$``-topic rules that are exact (see ``_system_rules``), then one allow per action over the
+    subject's allowed existing channels (see ``_channel_topics``), then ``deny publish #``, since a topic name
+    outside those channels is refused by authhook (``$`` names excepted, which ``#`` does not match and which
+    fall through). ``deny subscribe #`` follows only when the subject may subscribe to no channel at all:
+    otherwise authhook also allows filters no rule can admit without admitting more (``+/acme/c/x`` for a
+    channel ``x``, and with a tenant-wide right ``m/acme/c/+/temp`` or ``m/acme/#``), so those fall through.
+    """
+    rules = [*_system_rules(grants, Action.PUBLISH), *_system_rules(grants, Action.SUBSCRIBE)]
+    listed: dict[Action, bool] = {}
+    for action in (Action.PUBLISH, Action.SUBSCRIBE):
+        topics = _channel_topics(grants, template, action)
+        listed[action] = topics is not None
         if topics:
-            rules.append({"permission": "allow", "action": action.value, "topics": topics})
-    rules.append({"permission": "deny", "action": "all", "topic": "#"})
+            rules.append(_rule("allow", action, topics))
+    if listed[Action.PUBLISH]:
+        rules.append({"permission": "deny", "action": Action.PUBLISH.value, "topic": "#"})
+    no_channel = not grants.channels.get(Action.SUBSCRIBE) and Action.SUBSCRIBE not in grants.tenant_wide
+    if listed[Action.SUBSCRIBE] and no_channel:
+        rules.append({"permission": "deny", "action": Action.SUBSCRIBE.value, "topic": "#"})
     return rules
 
 

@@ -27,8 +27,8 @@ class Grants(NamedTuple):
     """Everything one subject may do, listed up front (for brokers that enforce a session ACL locally)."""
 
     tenant: str
-    channels: dict[Action, tuple[str, ...]]  # per action: the channels it is allowed on
-    tenant_wide: frozenset[Action]  # actions allowed on every channel of the tenant (no deny in the way)
+    channels: dict[Action, tuple[str, ...]]  # per action: the existing channels it is allowed on, expanded
+    tenant_wide: frozenset[Action]  # actions whose wildcard-channel filters are allowed (no deny in the way)
     system: tuple[tuple[str, Action, bool], ...]  # ($ topic filter, action, allowed), denials first
 
 

@@ -59,7 +59,12 @@ class InHouseEvaluator:
         facts = await self._store.grant_facts(subject)
         if facts is None or not (facts.subject.enabled and facts.subject.tenant_enabled):
             return None
-        return list_grants(facts)
+        existing: frozenset[str] | None = None
+        if any(b.scope is ScopeKind.TENANT and b.effect is Effect.ALLOW for b in facts.blocks):
+            # A tenant-wide allow is listed as the tenant's channels (never as a channel wildcard, which
+            # would also admit channels that do not exist): one more read, only for such subjects.
+            existing = frozenset(c.id for c in await self._store.list_channels(facts.subject.tenant))
+        return list_grants(facts, existing)
 
     def _verdict(self, allowed: bool, reason: Reason, detail: str, revision: int, trace: list[str] | None) -> Verdict:
         if trace is not None:
@@ -180,11 +185,18 @@ def decide(request: AuthzRequest, target: Target, facts: Facts, trace: list[str]
     return done(False, Reason.NOT_CONNECTED, f"`{subject.id}` is not connected to `{channel}` for {action.value}")
 
 
-def list_grants(facts: GrantFacts) -> Grants:
-    """The same policy as ``decide``, enumerated: per action, the channels a subject may use.
+def list_grants(facts: GrantFacts, existing: frozenset[str] | None = None) -> Grants:
+    """The same policy as ``decide``, enumerated: per action, the existing channels a subject may use.
 
-    A channel wildcard is granted (``tenant_wide``) only with a tenant-wide allow and no deny block that
-    could apply, exactly as ``decide`` judges a wildcard filter; otherwise only named channels are listed.
+    ``existing`` is the tenant's channel list; it is needed only when a tenant-wide allow must be expanded
+    (a tenant-wide allow with a deny elsewhere still allows every other existing channel, as ``decide``
+    does), and when given, every listed channel is also checked against it. Without it the listed
+    channels are those of connections and of channel / channel-group blocks, which the store keeps
+    pointing at existing channels (``put_role`` and ``add_member`` check, ``delete_channel`` cascades).
+
+    ``tenant_wide`` says whether a filter with a wildcard channel level is allowed, exactly as ``decide``
+    judges one: a tenant-wide allow and no channel deny block for the action. ``system`` lists the
+    ``$``-topic blocks as (filter, action, allowed), denials first.
     """
 
     def covered(block: BlockFact) -> set[str]:
@@ -192,6 +204,8 @@ def list_grants(facts: GrantFacts) -> Grants:
             return {block.ref}
         if block.scope is ScopeKind.CHANNEL_GROUP and block.ref is not None:
             return set(facts.group_channels.get(block.ref, ()))
+        if block.scope is ScopeKind.TENANT and existing is not None:
+            return set(existing)
         return set()
 
     channels: dict[Action, tuple[str, ...]] = {}
@@ -213,6 +227,8 @@ def list_grants(facts: GrantFacts) -> Grants:
                 allowed |= covered(block)
                 if block.scope is ScopeKind.TENANT and not denies:
                     tenant_wide.add(action)
+        if existing is not None:
+            allowed &= existing
         channels[action] = tuple(sorted(allowed - denied))
     system.sort(key=lambda rule: rule[2])  # denials first: the first matching rule wins
     return Grants(facts.subject.tenant, channels, frozenset(tenant_wide), tuple(system))
