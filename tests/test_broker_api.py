@@ -145,7 +145,7 @@ async def test_emqx_clean_cache_still_kicks_when_the_acl_was_pushed_at_connect()
     async with FakeEmqx(KEY, SECRET) as fake:
         fake.clients["dev1-a"] = "dev1"
         async with closing(_emqx(fake, action="clean_cache")) as closer:
-            await closer.close_sessions("dev1", [], reason="revoked", acl_pushed=True)
+            await closer.close_sessions("dev1", [], reason="revoked", must_close=True)
 
     assert fake.kicked == ["dev1-a"] and fake.drained == []
 

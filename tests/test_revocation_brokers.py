@@ -79,20 +79,30 @@ async def test_an_acl_pushed_at_connect_is_taken_back_by_a_kick(demo: PDP, emqx_
         await watcher.stop()
 
 
-async def test_an_authz_allow_emqx_caches_is_drained_in_clean_cache_mode(demo: PDP, emqx_api: FakeEmqx) -> None:
+async def test_clean_cache_mode_drains_a_lost_publish_but_kicks_a_lost_subscription_or_login(
+    demo: PDP, emqx_api: FakeEmqx
+) -> None:
     client, watcher = await app_client(demo, emqx_settings(emqx_api, "clean_cache"))
     try:
-        login = {"username": "acme-dashboard", "password": "acme-dashboard-demo-secret", "clientid": "acme-dashboard"}
-        assert (await (await client.post("/emqx/authn", json=login, headers=AUTH)).json())["result"] == "allow"
-        emqx_api.clients["acme-dashboard"] = "acme-dashboard"
-        ask = {"username": "acme-dashboard", "clientid": "acme-dashboard", "topic": "m/acme/c/telemetry/#"}
-        answer = await (await client.post("/emqx/authz", json={**ask, "action": "subscribe"}, headers=AUTH)).json()
-        assert answer == {"result": "allow"}
+        for username, password, topic, action in (
+            ("acme-thermo-1", SECRET, "m/acme/c/telemetry/temp", "publish"),
+            ("acme-dashboard", "acme-dashboard-demo-secret", "m/acme/c/telemetry/#", "subscribe"),
+        ):
+            login = {"username": username, "password": password, "clientid": username}
+            assert (await (await client.post("/emqx/authn", json=login, headers=AUTH)).json())["result"] == "allow"
+            emqx_api.clients[username] = username
+            ask = {"username": username, "clientid": username, "topic": topic, "action": action}
+            assert await (await client.post("/emqx/authz", json=ask, headers=AUTH)).json() == {"result": "allow"}
         await watcher.check_once()
+        # A lost publish right: EMQX's cached publish results are drained, the session stays.
+        await demo.store.disconnect("acme", "acme-thermo-1", "telemetry", frozenset({Action.PUBLISH}))
+        await watcher.check_once()
+        assert (emqx_api.drained, emqx_api.kicked) == (["acme-thermo-1"], [])
+        assert "authorization" in emqx_api.resets
+        # A disabled subscriber: a drain would leave its subscription delivering, so it is kicked.
         await demo.store.set_subject_enabled("acme-dashboard", False)
         await watcher.check_once()
-        assert emqx_api.drained == ["acme-dashboard"] and emqx_api.kicked == []
-        assert "authorization" in emqx_api.resets
+        assert emqx_api.kicked == ["acme-dashboard"]
     finally:
         await client.close()
         await watcher.stop()

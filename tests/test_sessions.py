@@ -132,9 +132,9 @@ class RecordingCloser:
         self.ok = ok
 
     async def close_sessions(
-        self, username: str, client_ids: Collection[str], *, reason: str, acl_pushed: bool = False
+        self, username: str, client_ids: Collection[str], *, reason: str, must_close: bool = False
     ) -> list[CloseResult]:
-        self.calls.append((username, tuple(sorted(client_ids)), acl_pushed))
+        self.calls.append((username, tuple(sorted(client_ids)), must_close))
         return [CloseResult(self.broker, cid, self.ok, "kicked" if self.ok else "HTTP 503") for cid in client_ids]
 
     async def aclose(self) -> None:
@@ -217,7 +217,7 @@ async def test_a_new_subject_that_now_owns_a_live_client_id_closes_the_old_holde
         demo.hasher.hash_client_secret("globex-x-secret-0123456789"),
     )
     await watcher.check_once()
-    assert closer.calls == [("acme-thermo-1", ("acme-thermo-1-x:1",), False)]
+    assert closer.calls == [("acme-thermo-1", ("acme-thermo-1-x:1",), True)]  # a refused login: close, not refresh
 
 
 async def test_a_failed_close_is_logged_as_such(demo: PDP) -> None:

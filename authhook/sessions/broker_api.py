@@ -11,9 +11,10 @@ What each closer does (spec: ``/work/shared/spec/revocation.md`` §2.1-2.3):
   node-level caches (``POST /authorization/node_cache/reset`` and ``POST /authentication/node_cache/reset``,
   on by default from 6.2, where a kicked client would otherwise reconnect into a cached allow; a 404 means an
   EMQX without them), then per client either kicks it (``DELETE /clients/{id}``) or drains its authorization
-  cache (``DELETE /clients/{id}/authorization/cache``). ``acl_pushed`` forces the kick: an ACL pushed at
-  CONNECT is not in any cache. A 404 on a client means it is gone, which is what we wanted. A cache drain
-  leaves existing subscriptions in place (6.2 does not cache subscribe results at all).
+  cache (``DELETE /clients/{id}/authorization/cache``). ``must_close`` forces the kick: an ACL pushed at
+  CONNECT is not in any cache, and a lost subscription or a disabled subject is not undone by a drain. A 404
+  on a client means it is gone, which is what we wanted. A cache drain leaves existing subscriptions in place
+  (6.2 does not cache subscribe results at all).
 * **VerneMQ** (``/api/v1``, the API key - ``secret``/``secret_file``, else ``username`` - as the Basic
   user name with an empty password): clears the webhook
   decision cache on every node (``webhooks/cache/clear`` is node-local), finds the user's sessions with
@@ -97,13 +98,14 @@ class SessionCloser(Protocol):
 
     ``client_ids`` are ids this instance saw the user connect with (closed even if the broker's listing
     misses them); ``reason`` goes to the broker where it takes one (RabbitMQ's ``X-Reason``);
-    ``acl_pushed`` says an ACL was handed over at CONNECT, which only a disconnect takes back.
+    ``must_close`` says only a disconnect will do where a broker could also just refresh caches: an ACL was
+    handed over at CONNECT, a subscription lost its right, or the subject may no longer connect at all.
     """
 
     broker: str
 
     async def close_sessions(
-        self, username: str, client_ids: Collection[str], *, reason: str, acl_pushed: bool = False
+        self, username: str, client_ids: Collection[str], *, reason: str, must_close: bool = False
     ) -> list[CloseResult]: ...
 
     async def aclose(self) -> None: ...
@@ -326,7 +328,7 @@ class EmqxCloser:
         await self._api.aclose()
 
     async def close_sessions(
-        self, username: str, client_ids: Collection[str], *, reason: str, acl_pushed: bool = False
+        self, username: str, client_ids: Collection[str], *, reason: str, must_close: bool = False
     ) -> list[CloseResult]:
         results: list[CloseResult] = []
         # Node caches first: a kicked client reconnects at once and must not meet an allow cached before.
@@ -338,7 +340,7 @@ class EmqxCloser:
                 found = await self._clients_of(username)
             except _Failure as failure:
                 results.append(CloseResult(self.broker, username, False, f"listing the user's clients: {failure}"))
-        kick = self._action == "kick" or acl_pushed
+        kick = self._action == "kick" or must_close
         targets = sorted(set(client_ids) | found)
         results += await _bounded(self._kick(cid) if kick else self._drain(cid) for cid in targets)
         return results
@@ -460,7 +462,7 @@ class VernemqCloser:
         await self._api.aclose()
 
     async def close_sessions(
-        self, username: str, client_ids: Collection[str], *, reason: str, acl_pushed: bool = False
+        self, username: str, client_ids: Collection[str], *, reason: str, must_close: bool = False
     ) -> list[CloseResult]:
         # Caches first (every node: the clear is node-local), so a disconnected client reconnects into a
         # fresh decision.
@@ -592,7 +594,7 @@ class RabbitmqCloser:
         await self._api.aclose()
 
     async def close_sessions(
-        self, username: str, client_ids: Collection[str], *, reason: str, acl_pushed: bool = False
+        self, username: str, client_ids: Collection[str], *, reason: str, must_close: bool = False
     ) -> list[CloseResult]:
         results: list[CloseResult] = []
         headers = {"X-Reason": _header_safe(reason)}

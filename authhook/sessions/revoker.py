@@ -48,7 +48,7 @@ class Finding:
     allowed_since: int  # the newest revision at which something now denied had been allowed
     denied: frozenset[Pair]
     connect_denied: bool
-    acl_pushed: bool
+    must_close: bool  # a cache refresh is not enough: a pushed ACL, a lost subscription, a refused CONNECT
     cause: str  # the first loss, for the log: "publish m/acme/c/x/t: not_connected"
 
 
@@ -187,7 +187,7 @@ class RevocationWatcher:
             allowed_since,
             frozenset(denied),
             connect_denied,
-            watch.acl is not None,
+            connect_denied or watch.acl is not None or any(action is Action.SUBSCRIBE for action, _ in denied),
             causes[0] + (f" (and {len(causes) - 1} more)" if len(causes) > 1 else ""),
         )
 
@@ -206,7 +206,7 @@ class RevocationWatcher:
             outcomes = await asyncio.gather(
                 *(
                     closer.close_sessions(
-                        username, client_ids, reason=f"authhook revoke: {finding.cause}", acl_pushed=finding.acl_pushed
+                        username, client_ids, reason=f"authhook revoke: {finding.cause}", must_close=finding.must_close
                     )
                     for closer in self._closers
                 ),
