@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import json
 import platform
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -30,10 +31,13 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the EMQX model lives beside the tests
+
 from authhook import PDP, Settings, make_request
 from authhook.config import BrokerSettings, DecisionLogSettings, WebhookSettings
 from authhook.server import create_app
 from authhook.world import World, import_world
+from tests.emqx_model import emqx_first_match, emqx_real_filter
 
 TOKEN = "emqx-acl-bench-token-0123456789"
 LINES = [f"line-{i:02d}" for i in range(12)]
@@ -122,33 +126,6 @@ SUBTOPICS = ("", "/temp", "/a/b", "/status/online")
 # -- the fake EMQX -------------------------------------------------------------------------------------
 
 
-def _words_match(name: list[str], rule: list[str]) -> bool:
-    if not name and not rule:
-        return True
-    if name and rule and (name[0] == rule[0] or rule[0] == "+"):
-        return _words_match(name[1:], rule[1:])
-    return rule == ["#"]
-
-
-def rule_topic_matches(topic: str, rule_topic: str, username: str, clientid: str) -> bool:
-    if rule_topic.startswith("eq "):
-        return topic == rule_topic[3:]
-    rule_topic = rule_topic.replace("${username}", username).replace("${clientid}", clientid)
-    name, rule = topic.split("/"), rule_topic.split("/")
-    if name[0].startswith("$") and rule[0] in ("+", "#"):
-        return False
-    return _words_match(name, rule)
-
-
-def real_filter(topic_filter: str) -> str:
-    """The filter EMQX authorizes: a shared subscription on its inner filter."""
-    if topic_filter.startswith("$share/"):
-        return topic_filter.split("/", 2)[2]
-    if topic_filter.startswith("$queue/"):
-        return topic_filter[len("$queue/") :]
-    return topic_filter
-
-
 @dataclass
 class FakeEmqx:
     """One EMQX node as far as authorization goes: the session ACL first, then the HTTP source."""
@@ -167,17 +144,15 @@ class FakeEmqx:
         self.acl[username] = answer["acl"]
 
     def local(self, username: str, action: str, topic: str) -> bool | None:
-        for rule in self.acl[username]:
-            if rule["action"] not in (action, "all"):
-                continue
-            topics = rule["topics"] if "topics" in rule else [rule["topic"]]
-            if any(rule_topic_matches(topic, t, username, username) for t in topics):
-                return bool(rule["permission"] == "allow")
-        return None
+        return emqx_first_match(self.acl[username], action, topic, username)
 
     async def authorize(self, username: str, action: str, topic: str) -> tuple[bool, bool]:
         """(allowed, asked authhook)."""
-        topic = real_filter(topic) if action == "subscribe" else topic
+        if action == "subscribe":
+            real = emqx_real_filter(topic)
+            if real is None:
+                raise SystemExit(f"EMQX would refuse the filter {topic!r} itself; the bench only sends valid ones")
+            topic = real
         decided = self.local(username, action, topic)
         if decided is not None:
             return decided, False
