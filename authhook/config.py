@@ -7,13 +7,20 @@ Nested sections use ``__`` in environment names: ``AUTHHOOK_CACHE__ALLOW_TTL_S=3
 from __future__ import annotations
 
 import tomllib
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+    YamlConfigSettingsSource,
+)
 
 from authhook.cache import DEFAULT_ALLOW_TTL_S, DEFAULT_DENY_TTL_S, DEFAULT_MAXSIZE
 from authhook.decision_log import DEFAULT_FLUSH_INTERVAL_S, DEFAULT_RING_SIZE
@@ -21,6 +28,9 @@ from authhook.errors import ConfigError
 from authhook.topics import DEFAULT_TEMPLATE, TopicTemplate
 
 DEFAULT_STORE_URL = "sqlite:///authhook.db"
+# The config file ``load_settings`` is reading, for ``Settings.settings_customise_sources`` (a classmethod that
+# pydantic-settings calls with no arguments of ours); set only for the duration of one ``Settings(...)``.
+_CONFIG_FILE: ContextVar[Path | None] = ContextVar("authhook_config_file", default=None)
 
 
 class CacheSettings(BaseModel):
@@ -305,8 +315,17 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Explicit arguments (which carry the config file's content) win over the environment.
-        return (init_settings, env_settings)
+        # Explicit arguments win over the environment, which wins over the config file. pydantic-settings
+        # deep-merges the sources, so `AUTHHOOK_CACHE__ENABLED` overrides one key of the file's `cache:`
+        # section and keeps the others.
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = _CONFIG_FILE.get()
+        if config_file is not None:
+            if config_file.suffix == ".toml":
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+            else:
+                sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
+        return tuple(sources)
 
     # -- derived paths ------------------------------------------------------------------------
     def sqlite_path(self) -> Path | None:
@@ -362,17 +381,14 @@ def _read_config_file(path: Path) -> dict[str, Any]:
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
     """Build settings from an optional file, the environment and explicit overrides (None = unset)."""
-    import os
-
     from pydantic import ValidationError
 
-    values: dict[str, Any] = _read_config_file(config_file) if config_file is not None else {}
-    # The environment beats the file: drop file keys the environment sets, then let pydantic read env.
-    for key in list(values):
-        if any(name.startswith(f"AUTHHOOK_{key.upper()}") for name in os.environ):
-            del values[key]
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    if config_file is not None:
+        _read_config_file(config_file)  # unreadable, unparsable or not a mapping: one clear error first
+    token = _CONFIG_FILE.set(config_file)
     try:
-        return Settings(**values)
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
         raise ConfigError(f"invalid settings: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from exc
+    finally:
+        _CONFIG_FILE.reset(token)

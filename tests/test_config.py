@@ -85,3 +85,40 @@ def test_unsupported_store_urls_are_refused() -> None:
 )
 def test_the_store_url_is_logged_without_its_password(url: str, shown: str) -> None:
     assert load_settings(store_url=url).store_url_for_logs() == shown
+
+
+def test_an_environment_override_of_one_nested_key_keeps_the_rest_of_the_files_section(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "authhook.yaml"
+    config.write_text("cache:\n  maxsize: 7\n  allow_ttl_s: 30\nhttp:\n  port: 9001\n  max_body_bytes: 2048\n")
+    monkeypatch.setenv("AUTHHOOK_CACHE__ENABLED", "false")
+    monkeypatch.setenv("AUTHHOOK_HTTP__PORT", "9002")
+    settings = load_settings(config)
+    assert (settings.cache.enabled, settings.cache.maxsize, settings.cache.allow_ttl_s) == (False, 7, 30)
+    assert (settings.http.port, settings.http.max_body_bytes) == (9002, 2048)
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".toml"])
+def test_a_variable_named_like_a_longer_key_does_not_drop_a_shorter_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, suffix: str
+) -> None:
+    # AUTHHOOK_SECRET_KEY_FILE starts with AUTHHOOK_SECRET_KEY: the file's secret_key must survive it, or a
+    # fresh key file would be created and every stored client secret would stop verifying.
+    config = tmp_path / f"authhook{suffix}"
+    key = "k" * 64
+    config.write_text(f"secret_key: {key}\n" if suffix == ".yaml" else f'secret_key = "{key}"\n')
+    monkeypatch.setenv("AUTHHOOK_SECRET_KEY_FILE", str(tmp_path / "other.key"))
+    settings = load_settings(config)
+    assert settings.secret_key is not None and settings.secret_key.get_secret_value() == key
+    assert settings.secret_key_file == tmp_path / "other.key"
+
+
+def test_arguments_beat_the_environment_which_beats_the_file_key_by_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "authhook.toml"
+    config.write_text('store_url = "sqlite:///file.db"\n[cache]\nmaxsize = 5\ndeny_ttl_s = 2.0\n')
+    monkeypatch.setenv("AUTHHOOK_CACHE__MAXSIZE", "6")
+    settings = load_settings(config, store_url="sqlite:///flag.db")
+    assert (settings.store_url, settings.cache.maxsize, settings.cache.deny_ttl_s) == ("sqlite:///flag.db", 6, 2.0)
