@@ -301,7 +301,10 @@ class TopicTemplate:
                 if not level:
                     return None
                 channel = None if level == "+" else level
-            elif level != "+" and level != pattern:
+            elif level != pattern:
+                # A literal level of the template matches only itself: `+` there would reach topics outside
+                # the channel namespace (`m/acme/+/telemetry/#` matches `m/acme/x/telemetry/...`). A `#` was
+                # handled above: it is how a tenant-wide subscriber says "all of my tenant" (`m/acme/#`).
                 return None
         width = self._width
         if count == width:

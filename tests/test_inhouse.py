@@ -25,7 +25,10 @@ CASES = [
     (S, "alice@acme.example", "m/+/c/telemetry", False, Reason.WILDCARD_TOO_BROAD),
     (S, "alice@acme.example", "#", False, Reason.WILDCARD_TOO_BROAD),
     (S, "alice@acme.example", "m/#", False, Reason.WILDCARD_TOO_BROAD),
-    (S, "alice@acme.example", "+/+/+/+", False, Reason.WILDCARD_TOO_BROAD),
+    (S, "alice@acme.example", "+/+/+/+", False, Reason.OUTSIDE_NAMESPACE),  # `+` at the literal `m` level
+    (S, "alice@acme.example", "m/+/c/telemetry", False, Reason.WILDCARD_TOO_BROAD),
+    (S, "acme-dashboard", "m/acme/+/telemetry/#", False, Reason.OUTSIDE_NAMESPACE),
+    (S, "acme-dashboard", "+/acme/c/telemetry/#", False, Reason.OUTSIDE_NAMESPACE),
     (S, "alice@acme.example", "$share/ops/#", False, Reason.WILDCARD_TOO_BROAD),
     # channel wildcards need a tenant-wide grant
     (S, "acme-dashboard", "m/acme/c/+/temp", False, Reason.WILDCARD_TOO_BROAD),
