@@ -669,12 +669,14 @@ async def test_emqx_acl_is_off_by_default(client: Client) -> None:
 
 async def test_emqx_acl_lists_the_allowed_channels_and_denies_other_publishes(make_client: MakeClient) -> None:
     """One rule topic per allowed existing channel (a tenant-wide right is listed channel by channel, never as
-    `+`); `deny publish #` closes the list; subscribes to other filters fall through to `/emqx/authz`."""
+    `+`); `deny publish #` closes the list, and `deny subscribe #` unless the subject may subscribe tenant-wide
+    (alice: her wildcard-channel filters fall through to `/emqx/authz`)."""
     client = await make_client(emqx_return_acl=True)
     assert await authn_acl(client, "acme-gateway", "acme-gateway-demo-secret") == [
         {"permission": "allow", "action": "publish", "topics": ["m/acme/c/telemetry/#"]},
         {"permission": "allow", "action": "subscribe", "topics": ["m/acme/c/alarms/#", "m/acme/c/telemetry/#"]},
         {"permission": "deny", "action": "publish", "topic": "#"},
+        {"permission": "deny", "action": "subscribe", "topic": "#"},  # no tenant-wide right: nothing else
     ]
     assert await authn_acl(client, "alice@acme.example", "alice-demo-password") == [
         {"permission": "allow", "action": "subscribe", "topics": ["$SYS/#"]},
@@ -973,6 +975,7 @@ async def test_emqx_acl_carries_expire_at(make_client: MakeClient, monkeypatch: 
         {"permission": "allow", "action": "publish", "topics": ["m/acme/c/telemetry/#"]},
         {"permission": "allow", "action": "subscribe", "topics": ["m/acme/c/alarms/#", "m/acme/c/telemetry/#"]},
         {"permission": "deny", "action": "publish", "topic": "#"},
+        {"permission": "deny", "action": "subscribe", "topic": "#"},
     ]
     answer = await emqx(default, "/emqx/authn", body)
     assert answer == {"result": "allow", "is_superuser": False, "expire_at": 1_767_225_900, "acl": rules}

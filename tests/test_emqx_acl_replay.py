@@ -361,7 +361,7 @@ async def test_a_tenant_wide_grant_is_listed_channel_by_channel() -> None:
             "m/t0/c/+/temp": (None, True),
             "m/t0/#": (None, True),
             "m/t0/c/c1/+": (True, True),
-            "+/t0/c/c1": (None, True),  # a literal level left open: authhook allows it, no rule can say so
+            "+/t0/c/c1": (None, False),  # a literal level left open reaches outside the namespace: denied
         }
         publishes = await decisions(pdp, "t0-u0", "publish", ["m/t0/c/cX", "m/t0/c//x", "m/t0/c/c2/a", "m/t1/c/c2"])
         assert publishes == {
@@ -395,8 +395,8 @@ async def test_without_a_subtopic_level_the_one_longer_filter_is_listed_with_eq(
         assert got == {
             "c0/x/t0": (True, True),
             "c0/x/t0/#": (True, True),
-            "c0/x/t0/a": (None, False),
-            "c0/x/t0/+": (None, False),
+            "c0/x/t0/a": (False, False),  # `deny subscribe #`: only a tenant-wide subscriber falls through
+            "c0/x/t0/+": (False, False),
         }
     finally:
         await pdp.close()

@@ -166,9 +166,10 @@ def acl_rules(grants: Grants, template: TopicTemplate) -> list[dict[str, Any]]:
     The list: the ``$``-topic rules that are exact (see ``_system_rules``), then one allow per action over the
     subject's allowed existing channels (see ``_channel_topics``), then ``deny publish #``, since a topic name
     outside those channels is refused by authhook (``$`` names excepted, which ``#`` does not match and which
-    fall through). ``deny subscribe #`` follows only when the subject may subscribe to no channel at all:
-    otherwise authhook also allows filters no rule can admit without admitting more (``+/acme/c/x`` for a
-    channel ``x``, and with a tenant-wide right ``m/acme/c/+/temp`` or ``m/acme/#``), so those fall through.
+    fall through). ``deny subscribe #`` follows unless the subject may subscribe tenant-wide: then authhook
+    also allows filters with a wildcard channel level (``m/acme/c/+/temp``, ``m/acme/#``), which no rule can
+    admit without admitting nonexistent channels too, so its other subscribes fall through. (A `+` in a
+    literal level of the template, ``+/acme/c/x``, is refused by authhook, so the deny covers it.)
     """
     rules = [*_system_rules(grants, Action.PUBLISH), *_system_rules(grants, Action.SUBSCRIBE)]
     listed: dict[Action, bool] = {}
@@ -179,8 +180,7 @@ def acl_rules(grants: Grants, template: TopicTemplate) -> list[dict[str, Any]]:
             rules.append(_rule("allow", action, topics))
     if listed[Action.PUBLISH]:
         rules.append({"permission": "deny", "action": Action.PUBLISH.value, "topic": "#"})
-    no_channel = not grants.channels.get(Action.SUBSCRIBE) and Action.SUBSCRIBE not in grants.tenant_wide
-    if listed[Action.SUBSCRIBE] and no_channel:
+    if listed[Action.SUBSCRIBE] and Action.SUBSCRIBE not in grants.tenant_wide:
         rules.append({"permission": "deny", "action": Action.SUBSCRIBE.value, "topic": "#"})
     return rules
 
