@@ -258,9 +258,37 @@ async def test_a_server_started_before_its_database_fails_closed_then_opens_by_i
             await pdp.store.ping()
         async with FreezingProxy(port):  # the database comes up
             await until(lambda: _allows(pdp), within=10.0)
-            await pdp.store.ping()
+            # Decisions come back as soon as the store opens; the change feed follows (LISTEN on a
+            # connection of its own), and only then is the instance ready. Wait for that, not for a guess.
+            await until(lambda: _ready(pdp), within=10.0)
     finally:
         await pdp.close()
+
+
+async def _ready(pdp: PDP) -> bool:
+    try:
+        await pdp.store.ping()
+    except StoreUnavailable:
+        return False
+    return True
+
+
+async def test_a_busy_event_loop_is_not_a_lost_change_feed(pg_schema: str) -> None:
+    """A CPU-starved instance answers its probes late, but the feed is intact: it must not flush its cache and
+    report not ready (that would send every decision to the database: a cascade). Two stalls past the lease
+    in a row, with a probe in flight between them, used to be read as a lost feed."""
+    async with PDP.from_settings(settings_for(f"{PG_DSN}?schema={pg_schema}")) as pdp:
+        store = store_of(pdp)
+        await until(lambda: _ready(pdp), within=10.0)
+        lease = store._listen_lease
+        for _ in range(3):
+            time.sleep(lease * 2.5)  # the whole event loop stalls, as under a CPU-bound burst
+            await asyncio.sleep(0)
+        # The feed itself never stopped: once the loop runs again it proves so at the next probe.
+        proven = store.listener.received, store.listener.lease_expired
+        await until(lambda: _ready(pdp), within=2.0)
+        assert store.listener.lease_expired == 0, proven
+        assert not store.board.suspended
 
 
 async def test_a_cli_revoke_reaches_a_running_instance(fleet: tuple[PDP, PDP], pg_schema: str) -> None:

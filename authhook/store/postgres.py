@@ -66,6 +66,10 @@ DEFAULT_LISTEN_CHECK_S = 0.05
 # Cached decisions are trusted only while the change feed was proven alive this recently: a connection
 # that dies silently (a frozen network, no reset) loses notifications without any error to react to.
 DEFAULT_LISTEN_LEASE_S = 0.25
+# Loop iterations an expired lease waits for a probe answer that already arrived to be processed: the read,
+# asyncpg's future, the probe task, ``asyncio.wait``'s waiter and the watcher's resumption take about five;
+# twice that, still well under a millisecond.
+CONFIRM_ITERATIONS = 10
 _CHANNEL_PREFIX = "authhook_changes_"
 # The NOTIFY channel name embeds the schema and PostgreSQL identifiers stop at 63 bytes; `pg_` is reserved.
 _SCHEMA_PATTERN = re.compile(rf"(?!pg_)[a-z_][a-z0-9_]{{0,{63 - len(_CHANNEL_PREFIX) - 1}}}")
@@ -848,8 +852,9 @@ class ChangeListener:
         self._task: asyncio.Task[None] | None = None
         self._conn: asyncpg.Connection | None = None
         self._lost = asyncio.Event()
-        self._expiry: asyncio.TimerHandle | None = None
-        self.lease_expired = 0  # times the lease ran out (a silent connection, or a starved event loop)
+        self._expiry: asyncio.Handle | None = None
+        self.lease_expired = 0  # times a probe went unanswered for a whole lease
+        self._proven_at = 0.0  # loop time at which the latest answered probe was sent
         self.listening = asyncio.Event()
         self.received = 0
         # send-to-apply lag of the latest notifications (bounded: the server runs for months)
@@ -904,43 +909,65 @@ class ChangeListener:
             backoff = min(backoff * 2, 2.0)
 
     async def _watch(self, conn: Conn) -> None:
-        """Return when the listening connection is gone (terminated, failing its probe, lease run out)."""
-        check, lease = self._store._listen_check, self._store._listen_lease
+        """Return when the listening connection is gone (terminated, failing its probe, lease run out).
+
+        The lease runs per probe: from the moment a probe is sent, its answer must be back within
+        ``listen_lease_s`` (``_on_probe_overdue``). Time the event loop spends stalled before sending a probe
+        does not count, and cannot hurt: a stalled loop serves no decision at all, cached or not. A probe has
+        no timeout of its own, since how long its answer takes to be *processed* says as much about this
+        process's loop as about the feed.
+        """
+        check = self._store._listen_check
         loop = asyncio.get_running_loop()
-        while not self._lost.is_set():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(check):
-                    await self._lost.wait()
+        lost = asyncio.ensure_future(self._lost.wait())
+        try:
+            while not self._lost.is_set():
+                done, _ = await asyncio.wait({lost}, timeout=check)
+                if done:
                     return
-            sent = loop.time()
-            async with asyncio.timeout(lease):
-                await conn.fetchval("SELECT 1")
-            self._renew_lease(sent)
+                sent = loop.time()
+                probe = asyncio.ensure_future(conn.fetchval("SELECT 1"))
+                self._expiry = loop.call_at(sent + self._store._listen_lease, self._on_probe_overdue, sent)
+                done, _ = await asyncio.wait({probe, lost}, return_when=asyncio.FIRST_COMPLETED)
+                if probe not in done:
+                    probe.cancel()
+                    return
+                probe.result()  # a failed probe raises: the connection is gone, reconnect
+                self._renew_lease(sent)
+        finally:
+            lost.cancel()
 
     def _renew_lease(self, proven_at: float) -> None:
-        """Everything committed before ``proven_at`` has reached us: trust the board until the lease ends."""
+        """Everything committed before ``proven_at`` has reached us (the probe sent then was answered)."""
         self._cancel_lease()
-        when = proven_at + self._store._listen_lease
-        self._expiry = asyncio.get_running_loop().call_at(when, self._on_lease_expired, when, True)
+        self._proven_at = max(self._proven_at, proven_at)
 
     def _cancel_lease(self) -> None:
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
 
-    def _on_lease_expired(self, when: float, grace_left: bool) -> None:
-        loop = asyncio.get_running_loop()
-        check, lease = self._store._listen_check, self._store._listen_lease
-        if grace_left and loop.time() - when > check:
-            # This timer ran late, so our own event loop was stalled (CPU-bound work, a starved machine):
-            # the next probe may not even have been sent. No decision ran during the stall either; give
-            # the feed one more lease before calling it lost, rather than flush every cache on a hiccup.
-            self._expiry = loop.call_later(lease, self._on_lease_expired, loop.time() + lease, False)
+    def _on_probe_overdue(self, sent: float) -> None:
+        """The probe sent at ``sent`` is not answered a lease later - or its answer is waiting to be read.
+
+        The loop may have been stalled for the whole lease with the answer in the socket; so before calling
+        the feed lost, let it run ``CONFIRM_ITERATIONS`` iterations, enough to read that answer and renew.
+        Only a probe still unanswered then proves the feed gone.
+        """
+        self._expiry = None
+        self._confirm_overdue(sent, CONFIRM_ITERATIONS)
+
+    def _confirm_overdue(self, sent: float, iterations_left: int) -> None:
+        if self._proven_at >= sent or self._lost.is_set():
+            return  # answered meanwhile (or already being reconnected)
+        if iterations_left:
+            self._expiry = asyncio.get_running_loop().call_soon(self._confirm_overdue, sent, iterations_left - 1)
             return
         self._expiry = None
         self.lease_expired += 1
         log.warning(
-            "no sign of life from the change feed for %s s: caching stops until it is back", self._store._listen_lease
+            "a change-feed probe went unanswered for %s s: caching stops until the feed is back",
+            self._store._listen_lease,
         )
         self._store.board.suspend()
         self._lost.set()  # the watcher reconnects
