@@ -282,7 +282,7 @@ async def test_a_busy_event_loop_is_not_a_lost_change_feed(pg_schema: str) -> No
         await until(lambda: _ready(pdp), within=10.0)
         lease = store._listen_lease
         for _ in range(3):
-            time.sleep(lease * 2.5)  # the whole event loop stalls, as under a CPU-bound burst
+            time.sleep(lease * 2.5)  # noqa: ASYNC251 - the point: the whole event loop stalls, as under CPU load
             await asyncio.sleep(0)
         # The feed itself never stopped: once the loop runs again it proves so at the next probe.
         proven = store.listener.received, store.listener.lease_expired
