@@ -268,21 +268,45 @@ async def test_cache_can_be_disabled(db_path: Path) -> None:
         assert pdp.cached(make_request("publish", "x", "m/a/c/b")) is None
 
 
-def test_request_cache_keys_differ_on_every_policy_visible_field() -> None:
+def test_request_cache_keys_differ_on_every_policy_visible_field_and_only_on_those() -> None:
     base = make_request("publish", "u", "m/a/c/b", client_id="c", tenant="a", qos=1, retain=True)
     variants = [
         make_request("subscribe", "u", "m/a/c/b", client_id="c", tenant="a", qos=1, retain=True),
         make_request("publish", "v", "m/a/c/b", client_id="c", tenant="a", qos=1, retain=True),
         make_request("publish", "u", "m/a/c/x", client_id="c", tenant="a", qos=1, retain=True),
-        make_request("publish", "u", "m/a/c/b", client_id="d", tenant="a", qos=1, retain=True),
         make_request("publish", "u", "m/a/c/b", client_id="c", tenant="z", qos=1, retain=True),
-        make_request("publish", "u", "m/a/c/b", client_id="c", tenant="a", qos=2, retain=True),
-        make_request("publish", "u", "m/a/c/b", client_id="c", tenant="a", qos=1, retain=False),
     ]
     keys = {base.cache_key(), *(v.cache_key() for v in variants)}
     assert len(keys) == 1 + len(variants)
-    same = AuthzRequest.model_validate(base.model_dump())
-    assert same.cache_key() == base.cache_key()
+    for same in (
+        AuthzRequest.model_validate(base.model_dump()),
+        make_request("publish", "u", "m/a/c/b", client_id="other", tenant="a", qos=0, retain=False),
+    ):
+        assert same.cache_key() == base.cache_key()
+
+
+async def test_a_cached_allow_is_never_served_to_a_request_claiming_another_tenant(sqlite_demo: PDP) -> None:
+    """The tenant a broker claims is the one input beyond subject, action and topic: a hit must not cross it."""
+    pdp = sqlite_demo
+    topic = "m/acme/c/telemetry/temp"
+    assert (await pdp.authorize(make_request("publish", "acme-thermo-1", topic))).allowed
+    hit = await pdp.authorize(make_request("publish", "acme-thermo-1", topic, tenant="acme"))
+    assert hit.allowed
+    claimed = await pdp.authorize(make_request("publish", "acme-thermo-1", topic, tenant="globex"))
+    assert (claimed.allowed, claimed.reason) == (False, Reason.WRONG_TENANT)
+    own_entry = pdp.cached(make_request("publish", "acme-thermo-1", topic, tenant="globex"))
+    assert own_entry is not None and not own_entry.allowed  # the deny was cached under its own key
+
+
+async def test_qos_retain_and_client_id_share_one_cached_decision(sqlite_demo: PDP) -> None:
+    pdp = sqlite_demo
+    topic = "m/acme/c/telemetry/temp"
+    first = await pdp.authorize(make_request("publish", "acme-thermo-1", topic, client_id="acme-thermo-1", qos=0))
+    again = await pdp.authorize(
+        make_request("publish", "acme-thermo-1", topic, client_id="acme-thermo-1:b", qos=2, retain=True)
+    )
+    assert (first.cache, again.cache) == ("miss", "hit")
+    assert again.allowed
 
 
 _names = st.one_of(st.none(), st.from_regex(r"[a-z0-9-]{1,12}", fullmatch=True))
@@ -324,7 +348,7 @@ def test_the_hit_path_key_is_the_attribute_values_however_the_request_was_built(
     ]
     for r in built:
         s = r.subject
-        expected = (r.action, s.id, s.username, s.tenant, s.client_id, r.topic, r.qos, r.retain)
+        expected = (r.action, s.id or s.username, s.tenant, r.topic)
         assert request_cache_key(r) == expected == r.cache_key()
 
 
