@@ -440,6 +440,8 @@ async def test_go_auth_status_mode(client: Client, demo: PDP, form: bool) -> Non
     assert (await go_auth(client, "acl", read, form))[0] == 200
     both = {**sub, "topic": "m/acme/c/telemetry/temp", "acc": 3}  # dashboard may read, not write
     assert (await go_auth(client, "acl", both, form))[0] == 403
+    # ...and the other way round: the thermometer may write, not read. acc 3 needs both, whichever fails.
+    assert (await go_auth(client, "acl", {**acl, "acc": 3}, form))[0] == 403
     assert (await go_auth(client, "acl", {**sub, "acc": 9}, form))[0] == 400
 
 

@@ -202,7 +202,10 @@ async def test_a_miss_after_a_write_does_not_share_an_evaluation_that_began_befo
     await asyncio.sleep(0)
     with board.writing([tenant_slot("acme")]):
         pass  # the revoke commits
-    after, _ = await cache.get_or_evaluate("k", TARGET, evaluate)
+    # Sharing the leader's flight would wait on its gate, which opens only below: fail then, do not hang.
+    done, _ = await asyncio.wait({asyncio.ensure_future(cache.get_or_evaluate("k", TARGET, evaluate))}, timeout=2)
+    assert done, "the miss after the write joined the evaluation that began before it"
+    after, _ = done.pop().result()
     assert not after.allowed
     assert cache.stats.shared == 0
     gate.set()
