@@ -132,7 +132,9 @@ class World(_Spec):
     tenants: list[TenantSpec] = []
 
 
-def load_world(path: Path) -> World:
+def load_world(path: str | Path) -> World:
+    """A world file (YAML, or JSON by its ``.json`` suffix), validated; ``InvalidInput`` says what is wrong."""
+    path = Path(path)
     try:
         text = path.read_text()
     except OSError as exc:
