@@ -152,60 +152,69 @@ def load_world(path: str | Path) -> World:
 
 
 async def import_world(store: Store, hasher: SecretHasher, world: World) -> dict[str, int]:
-    """Create or update everything in ``world``; returns how many of each kind were written."""
+    """Create or update everything in ``world`` in one transaction; returns how many of each kind were written.
+
+    One file, one transaction: an entity that fails late in the file (a bad block, a reference to another
+    tenant's subject) leaves nothing of the file behind.
+    """
     counts = dict.fromkeys(("tenants", "clients", "users", "channels", "connections", "groups", "roles"), 0)
     try:
-        for t in world.tenants:
-            await store.put_tenant(Tenant(id=t.id, name=t.name, enabled=t.enabled))
-            counts["tenants"] += 1
-            for c in t.clients:
-                stored = c.secret_hash or hasher.hash_client_secret(c.secret or "")
-                record = SubjectRecord(id=c.id, tenant=t.id, kind=SubjectKind.CLIENT, name=c.name, enabled=c.enabled)
-                await store.put_subject(record, stored)
-                counts["clients"] += 1
-            for u in t.users:
-                # argon2 is slow on purpose (~0.1 s): off the event loop, so a server importing keeps answering
-                password_hash = u.password_hash
-                if not password_hash:
-                    password_hash = await asyncio.to_thread(hasher.hash_password, u.password or "")
-                record = SubjectRecord(id=u.id, tenant=t.id, kind=SubjectKind.USER, name=u.name, enabled=u.enabled)
-                await store.put_subject(record, password_hash)
-                counts["users"] += 1
-            for ch in t.channels:
-                await store.put_channel(Channel(id=ch.id, tenant=t.id, name=ch.name))
-                counts["channels"] += 1
-            for cn in t.connections:
-                await store.connect(
-                    Connection(tenant=t.id, client=cn.client, channel=cn.channel, actions=frozenset(cn.actions))
-                )
-                counts["connections"] += 1
-            # Parents before children, so nesting can be declared in any order.
-            for g in _parents_first(t.groups):
-                await store.put_group(Group(id=g.id, tenant=t.id, kind=g.kind, name=g.name, parent=g.parent))
-                counts["groups"] += 1
-            for g in t.groups:
-                for member in g.members:
-                    await store.add_member(t.id, g.id, member)
-            for r in t.roles:
-                blocks = tuple(b.to_block(i) for i, b in enumerate(r.blocks, start=1))
-                await store.put_role(Role(id=r.id, tenant=t.id, name=r.name, blocks=blocks))
-                for assignee in r.assign:
-                    kind, _, ref = assignee.partition(":") if assignee.startswith("group:") else ("", "", assignee)
-                    await store.assign(
-                        Assignment(
-                            tenant=t.id,
-                            role=r.id,
-                            assignee_kind=AssigneeKind.GROUP if kind == "group" else AssigneeKind.SUBJECT,
-                            assignee=ref,
-                        )
-                    )
-                counts["roles"] += 1
+        async with store.batch():
+            await _import(store, hasher, world, counts)
     except ValidationError as exc:
         first = exc.errors()[0]
         raise InvalidInput(f"{'.'.join(str(p) for p in first['loc']) or 'value'}: {first['msg']}") from exc
     except ValueError as exc:
         raise InvalidInput(str(exc)) from exc
     return counts
+
+
+async def _import(store: Store, hasher: SecretHasher, world: World, counts: dict[str, int]) -> None:
+    for t in world.tenants:
+        await store.put_tenant(Tenant(id=t.id, name=t.name, enabled=t.enabled))
+        counts["tenants"] += 1
+        for c in t.clients:
+            stored = c.secret_hash or hasher.hash_client_secret(c.secret or "")
+            record = SubjectRecord(id=c.id, tenant=t.id, kind=SubjectKind.CLIENT, name=c.name, enabled=c.enabled)
+            await store.put_subject(record, stored)
+            counts["clients"] += 1
+        for u in t.users:
+            # argon2 is slow on purpose (~0.1 s): off the event loop, so a server importing keeps answering
+            password_hash = u.password_hash
+            if not password_hash:
+                password_hash = await asyncio.to_thread(hasher.hash_password, u.password or "")
+            record = SubjectRecord(id=u.id, tenant=t.id, kind=SubjectKind.USER, name=u.name, enabled=u.enabled)
+            await store.put_subject(record, password_hash)
+            counts["users"] += 1
+        for ch in t.channels:
+            await store.put_channel(Channel(id=ch.id, tenant=t.id, name=ch.name))
+            counts["channels"] += 1
+        for cn in t.connections:
+            await store.connect(
+                Connection(tenant=t.id, client=cn.client, channel=cn.channel, actions=frozenset(cn.actions))
+            )
+            counts["connections"] += 1
+        # Parents before children, so nesting can be declared in any order.
+        for g in _parents_first(t.groups):
+            await store.put_group(Group(id=g.id, tenant=t.id, kind=g.kind, name=g.name, parent=g.parent))
+            counts["groups"] += 1
+        for g in t.groups:
+            for member in g.members:
+                await store.add_member(t.id, g.id, member)
+        for r in t.roles:
+            blocks = tuple(b.to_block(i) for i, b in enumerate(r.blocks, start=1))
+            await store.put_role(Role(id=r.id, tenant=t.id, name=r.name, blocks=blocks))
+            for assignee in r.assign:
+                kind, _, ref = assignee.partition(":") if assignee.startswith("group:") else ("", "", assignee)
+                await store.assign(
+                    Assignment(
+                        tenant=t.id,
+                        role=r.id,
+                        assignee_kind=AssigneeKind.GROUP if kind == "group" else AssigneeKind.SUBJECT,
+                        assignee=ref,
+                    )
+                )
+            counts["roles"] += 1
 
 
 def _parents_first(groups: list[GroupSpec]) -> list[GroupSpec]:

@@ -130,3 +130,32 @@ async def test_a_second_pdp_on_the_same_file_shares_the_data(db_path: Path, sqli
     await _tenant_with_client(pdp, "a", "dev-a")
     async with PDP.from_settings(settings_for(db_path)) as other:
         assert [s.id for s in await other.store.list_subjects()] == ["dev-a"]
+
+
+async def test_a_world_file_that_fails_late_leaves_nothing_behind(pdp: PDP, tmp_path: Path) -> None:
+    """One file, one transaction: the tenant and client before a bad role are not kept either."""
+    from authhook.errors import InvalidInput
+    from authhook.world import import_world, load_world
+
+    world = tmp_path / "late.yaml"
+    world.write_text(
+        "tenants:\n"
+        "  - id: initech\n"
+        "    clients: [{id: printer-1, secret: printer-1-secret-0123456789}]\n"
+        "    channels: [{id: jobs}]\n"
+        "    roles:\n"
+        "      - id: snoop\n"
+        "        blocks: [{id: b, scope: {topic: 'm/globex/c/telemetry/#'}, actions: [subscribe]}]\n"
+    )
+    before = await pdp.store.revision()
+    with pytest.raises(InvalidInput, match="system topics"):
+        await import_world(pdp.store, pdp.hasher, load_world(world))
+    assert await pdp.store.list_tenants() == []
+    assert await pdp.store.list_subjects() == []
+    assert await pdp.store.credential("printer-1") is None
+    assert await pdp.store.revision() == before
+    # The same file without the bad role imports whole, in one revision.
+    world.write_text(world.read_text().split("    roles:")[0])
+    await import_world(pdp.store, pdp.hasher, load_world(world))
+    assert [t.id for t in await pdp.store.list_tenants()] == ["initech"]
+    assert await pdp.store.revision() == before + 1

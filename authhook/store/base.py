@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractAsyncContextManager, contextmanager
 from contextvars import ContextVar
 from enum import StrEnum
 from typing import Annotated, NamedTuple, Protocol, runtime_checkable
@@ -283,6 +283,10 @@ class Store(Protocol):
         ...
 
     # writes
+    def batch(self) -> AbstractAsyncContextManager[None]:
+        """``async with store.batch():`` - the writes inside commit together or not at all (one revision)."""
+        ...
+
     async def put_tenant(self, tenant: Tenant) -> None: ...
     async def delete_tenant(self, tenant: str) -> None: ...
     async def put_subject(self, subject: SubjectRecord, credential_hash: str) -> None: ...

@@ -24,8 +24,9 @@ import re
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -247,6 +248,9 @@ class PostgresStore:
         self.instance = uuid.uuid4().hex  # lets the listener skip its own notifications
         self.board = RevisionBoard()
         self.listener = ChangeListener(self)
+        self._batch: ContextVar[tuple[Conn, set[int]] | None] = ContextVar(
+            f"authhook-pg-batch-{id(self)}", default=None
+        )
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def open(self) -> None:
@@ -435,16 +439,44 @@ class PostgresStore:
 
     # -- writes ---------------------------------------------------------------------------------
     @asynccontextmanager
-    async def _transaction(self, slots: list[int]) -> AsyncIterator[Conn]:
-        """One write: revision bump and NOTIFY inside the transaction, local board moved around it."""
-        change = {"slots": sorted(set(slots)), "origin": self.instance}
+    async def batch(self) -> AsyncIterator[None]:
+        """Every write inside is one transaction on one connection: all of them commit, or none (world import).
+
+        One revision bump and one notification at the end name every slot the writes touched.
+        """
+        if self._batch.get() is not None:
+            yield
+            return
+        touched: set[int] = set()
+        async with self._transaction(range(1, SLOT_COUNT + 1), notify=touched) as conn:
+            token = self._batch.set((conn, touched))
+            try:
+                yield
+            finally:
+                self._batch.reset(token)
+
+    @asynccontextmanager
+    async def _transaction(self, slots: Iterable[int], *, notify: set[int] | None = None) -> AsyncIterator[Conn]:
+        """One write: revision bump and NOTIFY inside the transaction, local board moved around it.
+
+        Inside ``batch`` the batch's connection and transaction are used and the slots are only collected.
+        ``notify``, for the batch itself: the slots to announce, filled while the batch runs.
+        """
+        slots = list(slots)
+        current = self._batch.get()
+        if current is not None:
+            conn, touched = current
+            touched.update(slots)
+            yield conn
+            return
         try:
             with self.board.writing(slots, exclusive=False):
                 async with self._acquire_for_write() as conn, conn.transaction():
                     yield conn
                     await conn.execute("UPDATE meta SET revision = revision + 1")
-                    payload = json.dumps({**change, "sent": time.time()})  # lets listeners measure lag
-                    await conn.execute("SELECT pg_notify($1, $2)", self.channel, payload)
+                    announced = sorted(notify if notify is not None else set(slots))
+                    change = {"slots": announced, "origin": self.instance, "sent": time.time()}  # sent: lag
+                    await conn.execute("SELECT pg_notify($1, $2)", self.channel, json.dumps(change))
         except asyncpg.UniqueViolationError as exc:
             raise Conflict(f"write rejected: {exc.detail or exc}") from exc
         except asyncpg.ForeignKeyViolationError as exc:

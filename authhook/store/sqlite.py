@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, TypeVar
 
 from authhook.errors import Conflict, InvalidInput, NotFound, StoreUnavailable
 from authhook.models import Action, ActionSet
-from authhook.revision import IDENTITY_SLOT, RevisionBoard, tenant_slot
+from authhook.revision import IDENTITY_SLOT, SLOT_COUNT, RevisionBoard, tenant_slot
 from authhook.store.base import (
     AssigneeKind,
     Assignment,
@@ -192,6 +193,9 @@ class SQLiteStore:
         self._revision_value = 0
         self._revision_at = -1  # board sequence at which _revision_value was read; -1: read it again
         self.board = RevisionBoard(None if path == ":memory:" else Path(path + ".rev"))
+        # Per task, so only the importing task's writes join its batch; another task's write meanwhile fails
+        # on the open transaction (SQLite has one connection here) instead of silently joining it.
+        self._batch: ContextVar[bool] = ContextVar(f"authhook-sqlite-batch-{id(self)}", default=False)
 
     @classmethod
     def from_url(cls, url: str) -> SQLiteStore:
@@ -353,9 +357,25 @@ class SQLiteStore:
             raise StoreUnavailable(f"sqlite: {exc}") from exc
 
     # -- writes ---------------------------------------------------------------------------------
+    @asynccontextmanager
+    async def batch(self) -> AsyncIterator[None]:
+        """Every write inside is one transaction: all of them commit, or none (world import)."""
+        if self._batch.get():
+            yield
+            return
+        with self._transaction(range(1, SLOT_COUNT + 1)):
+            token = self._batch.set(True)
+            try:
+                yield
+            finally:
+                self._batch.reset(token)
+
     @contextmanager
     def _transaction(self, slots: Iterable[int]) -> Iterator[sqlite3.Connection]:
         db = self._db
+        if self._batch.get():  # inside ``batch``: its transaction and its board bracket cover this write
+            yield db
+            return
         with self.board.writing(slots):
             try:
                 db.execute("BEGIN IMMEDIATE")
