@@ -7,10 +7,12 @@ takes a decision's parts (verdict, cache status, latency) rather than a ``Decisi
 not build one. Requests carry no secrets - passwords never enter ``AuthzRequest`` - so nothing here can
 leak one.
 
-If the file sink falls behind by more than ``max_pending`` events, the oldest pending ones are dropped
-and counted in ``dropped`` (and the drop is written to the file as its own line): a slow disk must not
-take the brokers down with it. The check runs when the sink takes its next batch, not per event, so
-between two flushes the list may briefly hold more.
+Lines are rendered on the event loop (a thread measured worse: GIL hand-offs) but written by a worker
+thread, one write in flight at a time, so a slow or full disk never stalls the loop and with it every
+broker. If the file sink falls behind by more than ``max_pending`` events (a write still in flight, or
+batches too large), the oldest pending ones are dropped and counted in ``dropped`` (and the drop is written
+to the file as its own line): memory stays bounded and the brokers keep their answers. The check runs once
+per flush interval, not per event, so between two checks the list may briefly hold more.
 """
 
 from __future__ import annotations
@@ -166,6 +168,7 @@ class DecisionLog:
         self._task: asyncio.Task[None] | None = None
         self._static: dict[int, _Entry] = {}
         self.dropped = 0
+        self._unreported_drops = 0  # dropped while a write was in flight, not yet said in the file
 
     def record(
         self,
@@ -189,23 +192,42 @@ class DecisionLog:
         events = self._pending.copy()
         self._pending.clear()
         self._ring.extend(events)
-        dropped = max(len(events) - self._max_pending, 0)
-        if dropped:
-            events = events[dropped:]
-            self.dropped += dropped
+        excess = max(len(events) - self._max_pending, 0)
+        if excess:
+            events = events[excess:]
+            self.dropped += excess
+        dropped, self._unreported_drops = excess + self._unreported_drops, 0  # the file line says both
         return events, dropped
 
-    def _write_batch(self, events: Iterable[_Raw], dropped: int) -> None:
-        assert self.path is not None
+    def _trim_pending(self) -> None:
+        """While a write is still in flight: keep only the newest ``max_pending`` events (the rest still join
+        the ring, so the API shows them), and count the drop for the file's next ``dropped_events`` line."""
+        excess = len(self._pending) - self._max_pending
+        if excess > 0:
+            self._ring.extend(self._pending[:excess])
+            del self._pending[:excess]
+            self.dropped += excess
+            self._unreported_drops += excess
+
+    def _batch_bytes(self, events: Iterable[_Raw], dropped: int) -> bytes:
         data = self._render(events)
         if dropped:
             data += orjson.dumps({"time": _now_iso(), "dropped_events": dropped}) + b"\n"
-        # Opened per batch, so a log rotated by renaming (logrotate `create`) continues in a fresh file.
+        return data
+
+    def _append_bytes(self, data: bytes) -> None:
+        """Append to the file (any thread). Opened per batch, so a log rotated by renaming (logrotate
+        `create`) continues in a fresh file; one write, so lines from several processes never interleave."""
+        assert self.path is not None
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         try:
-            os.write(fd, data)  # one append: lines from several processes never interleave mid-line
+            os.write(fd, data)
         finally:
             os.close(fd)
+
+    def _write_batch(self, events: Iterable[_Raw], dropped: int) -> None:
+        """Render and write on this thread (``flush``, one-shot commands, the benchmark)."""
+        self._append_bytes(self._batch_bytes(events, dropped))
 
     def _render(self, events: Iterable[_Raw]) -> bytes:
         """The JSON lines for ``events``, each ending in a newline.
@@ -269,7 +291,7 @@ class DecisionLog:
 
     def flush(self) -> None:
         """Write what is pending now, on this thread (used on close and by one-shot commands)."""
-        if self.path is not None and self._pending:
+        if self.path is not None and (self._pending or self._unreported_drops):
             self._write_batch(*self._take_batch())
 
     async def start(self) -> None:
@@ -277,21 +299,34 @@ class DecisionLog:
             self._task = asyncio.create_task(self._flush_forever(), name="authhook-decision-log")
 
     async def _flush_forever(self) -> None:
-        # Serialized on the event loop in slices of _SLICE events with a yield between them: a worker
-        # thread measured worse (GIL hand-offs cost the loop ~25 % of its throughput under load, for ~6 %
-        # of actual serializing work), and slices keep any one stall well under a millisecond or two.
+        # Rendered on the event loop in slices of _SLICE events with a yield between them: a worker thread
+        # measured worse for rendering (GIL hand-offs cost the loop ~25 % of its throughput under load, for
+        # ~6 % of actual serializing work), and slices keep any one stall well under a millisecond or two.
+        # The write itself is a syscall that may block for as long as the disk likes: a worker thread does it
+        # (the GIL is released meanwhile), one at a time; while it is in flight, pending events are trimmed.
+        writing: asyncio.Future[None] | None = None
+        written = 0
         while True:
             await asyncio.sleep(self._flush_interval)
-            if not self._pending:
+            if writing is not None:
+                if not writing.done():
+                    self._trim_pending()
+                    continue
+                try:
+                    writing.result()
+                except Exception as exc:  # the sink outlives a bad write, or every later event is lost
+                    self.dropped += written  # counted, and said, rather than silently gone
+                    log.error("decision log write to %s failed, %d events lost: %s", self.path, written, exc)
+                writing = None
+            if not self._pending and not self._unreported_drops:
                 continue
             batch, dropped = self._take_batch()
-            try:
-                for start in range(0, len(batch), _SLICE):
-                    self._write_batch(batch[start : start + _SLICE], dropped if start == 0 else 0)
-                    await asyncio.sleep(0)
-            except Exception as exc:  # the sink must outlive any one bad batch, or every later event is lost
-                self.dropped += len(batch)  # counted, and said, rather than silently gone
-                log.error("decision log write to %s failed, %d events lost: %s", self.path, len(batch), exc)
+            parts: list[bytes] = []
+            for start in range(0, len(batch), _SLICE):
+                parts.append(self._batch_bytes(batch[start : start + _SLICE], dropped if start == 0 else 0))
+                await asyncio.sleep(0)
+            written = len(batch)
+            writing = asyncio.ensure_future(asyncio.to_thread(self._append_bytes, b"".join(parts)))
 
     async def close(self) -> None:
         if self._task is not None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -246,3 +248,50 @@ async def test_a_refused_topic_with_a_lone_surrogate_is_logged_and_the_sink_keep
     events = [json.loads(line) for line in lines]
     assert [e["reason"] for e in events[-2:]] == ["invalid_topic", "connected"]
     assert events[-2]["topic"] == "m/acme/c/telemetry/\ud800"
+
+
+async def test_a_disk_that_never_drains_neither_stalls_decisions_nor_grows_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file write blocks forever (a hung NFS mount, a full disk): decisions keep being answered at once,
+    the pending events stay bounded, the drop is counted, and once the disk drains it is said in the file."""
+    import threading
+
+    from authhook import Settings
+    from authhook.config import DecisionLogSettings
+
+    stuck = threading.Event()
+    calls: list[int] = []
+    real_append = DecisionLog._append_bytes
+
+    def never_drains(self: DecisionLog, data: bytes) -> None:
+        calls.append(len(data))
+        stuck.wait(60)  # blocks the worker thread, not the event loop
+        real_append(self, data)
+
+    monkeypatch.setattr(DecisionLog, "_append_bytes", never_drains)
+    settings = Settings(
+        store_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
+        secret_key="k" * 64,  # type: ignore[arg-type]
+        decision_log=DecisionLogSettings(path=tmp_path / "log.jsonl", flush_interval_s=0.01),
+    )
+    async with PDP.from_settings(settings) as pdp:
+        log = pdp.decision_log
+        log._max_pending = 50
+        request = make_request("publish", "nobody", "m/acme/c/telemetry/t")
+        try:
+            for _ in range(40):
+                for _ in range(25):
+                    assert not (await pdp.authorize(request)).allowed
+                await asyncio.sleep(0.02)  # the flusher's turn
+            for _ in range(500):  # the flusher trims on its next turn, even on a busy machine
+                if len(log._pending) <= 50:
+                    break
+                await asyncio.sleep(0.01)
+            assert calls, "the flusher never tried to write"
+            assert len(log._pending) <= 50  # bounded while the write hangs
+            assert log.dropped > 0
+        finally:
+            stuck.set()
+    text = (tmp_path / "log.jsonl").read_text()
+    assert '"dropped_events"' in text
