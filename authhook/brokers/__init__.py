@@ -1,7 +1,8 @@
 """Broker adapters: thin translators from each broker's callback format to the core request and back.
 
-Each adapter has a pure ``translate`` module (wire fields in, core request out; verdict in, wire answer out)
-and a ``routes`` module that parses, asks the PDP and answers. No policy lives here.
+Each adapter is one module in two parts: pure translation functions (wire fields in, core request out;
+verdict in, wire answer out) and ``add_routes``, whose handlers parse, ask the PDP and answer. What they
+share (body parsing that never raises, the translation memo, answers) is in ``common``. No policy lives here.
 """
 
 from __future__ import annotations

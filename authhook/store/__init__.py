@@ -1,4 +1,4 @@
-"""Stores for the authorization model; ``open_store`` picks one from a URL."""
+"""Stores for the authorization model; ``create_store`` picks one from a URL."""
 
 from __future__ import annotations
 
