@@ -58,7 +58,8 @@ def main() -> None:
     }
     every = [ms for values in samples.values() for ms in values]
     result = {
-        "what": "revoke commit (CLI exit) -> RabbitMQ 3.10 closes the MQTT connection, via the management API",
+        "what": "revoke commit (store write in the test process) -> RabbitMQ 3.10 closes the MQTT connection, "
+        "via the management API",
         "rounds": args.rounds,
         "per_revoke": summary,
         "all": {"median_ms": round(statistics.median(every), 1), "max_ms": round(max(every), 1)},
