@@ -18,11 +18,11 @@ import regopy  # type: ignore[import-untyped]
 from aiohttp.test_utils import TestServer
 
 from authhook import PDP, Reason, make_request
+from authhook.breaker import CircuitBreaker
 from authhook.errors import EvaluatorUnavailable, StoreUnavailable
 from authhook.evaluators.base import PolicyEvaluator
 from authhook.evaluators.opa import (
     DEFAULT_POLICY_PATH,
-    CircuitBreaker,
     EmbeddedOpaEvaluator,
     RegoPolicy,
     RemoteOpaEvaluator,
