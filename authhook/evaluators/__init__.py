@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from authhook.errors import ConfigError
 from authhook.evaluators.base import PolicyEvaluator
 from authhook.evaluators.inhouse import InHouseEvaluator
 from authhook.store.base import Store
@@ -16,6 +17,16 @@ if TYPE_CHECKING:
 
 
 def build_evaluator(settings: EvaluatorSettings, store: Store) -> PolicyEvaluator:
+    """The evaluator ``settings`` names; a missing optional engine is a ``ConfigError`` naming its extra."""
+    try:
+        return _build(settings, store)
+    except ImportError as exc:
+        extra = "cedar" if settings.kind == "cedar" else "opa"
+        missing = f"pip install 'authhook[{extra}]' ({exc})"
+        raise ConfigError(f"evaluator `{settings.kind}` needs an engine that is not installed: {missing}") from exc
+
+
+def _build(settings: EvaluatorSettings, store: Store) -> PolicyEvaluator:
     if settings.kind == "opa":
         if settings.opa_mode == "remote":
             from authhook.evaluators.opa import RemoteOpaEvaluator

@@ -12,8 +12,10 @@ def create_store(url: str, *, deadline_s: float = 0.5) -> Store:
     if url.startswith("sqlite://"):
         return SQLiteStore.from_url(url)
     if url.startswith(("postgresql://", "postgres://")):
-        from authhook.store.postgres import PostgresStore  # asyncpg is imported only when chosen
-
+        try:
+            from authhook.store.postgres import PostgresStore  # asyncpg is imported only when chosen
+        except ImportError as exc:
+            raise ConfigError(f"the postgresql store needs asyncpg: pip install 'authhook[postgres]' ({exc})") from exc
         return PostgresStore(url, deadline_s=deadline_s)
     raise ConfigError(f"unsupported store url `{url}`: expected sqlite:/// or postgresql://")
 
