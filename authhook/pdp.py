@@ -338,12 +338,10 @@ class PDP:
         """Why ``username`` may not use ``client_id`` (None: it owns it); for adapters whose broker names an
         object after a client id (RabbitMQ's subscription queues), and for the revocation watcher.
 
-        An unknown subject owns nothing. A store failure raises (``AuthhookError``): callers fail closed.
+        Answered from the policy's cache while no subject was created or deleted: RabbitMQ asks on every
+        queue check. An unknown subject owns nothing; a store failure raises (callers fail closed).
         """
-        credential = await self.store.credential(username)
-        if credential is None:
-            return Refusal(Reason.UNKNOWN_SUBJECT, f"no client or user `{username}`")
-        return await self.client_ids.check(username, client_id, credential.subject.tenant)
+        return await self.client_ids.check(username, client_id)
 
     async def pushed_acl(self, username: str, tenant: str | None, grants: Grants) -> None:
         """A broker will enforce ``grants`` locally for the session (EMQX's ``acl``): remember them, so the

@@ -58,18 +58,29 @@ class ClientIdPolicy:
         self._default = _Rule(settings.policy, settings.pattern)
         self._tenants = {tenant: _Rule(rule.policy, rule.pattern) for tenant, rule in settings.tenants.items()}
         self._compiled: dict[tuple[str, str], re.Pattern[str]] = {}
-        self._answers: LRUCache[tuple[str, str, str], Refusal | None] = LRUCache(cache_size)
+        self._answers: LRUCache[tuple[str, str], Refusal | None] = LRUCache(cache_size)
         self._identity_value = -1
 
-    async def check(self, username: str, client_id: str, tenant: str) -> Refusal | None:
-        """None when ``username`` (a subject of ``tenant``) may use ``client_id``; else why not."""
+    async def check(self, username: str, client_id: str, tenant: str | None = None) -> Refusal | None:
+        """None when ``username`` may use ``client_id``; else why not.
+
+        ``tenant`` is the subject's tenant when the caller already read it (CONNECT); without it the subject
+        is looked up on a miss, and an unknown one owns nothing. A subject's tenant changes only with its
+        deletion and re-creation, which moves the identity slot too, so the answer is cached per pair.
+        A store failure raises (``AuthhookError``): callers fail closed.
+        """
         identity = self._store.board.read(IDENTITY_SLOT)
         if identity != self._identity_value or identity % 2:
             self._answers.clear()
             self._identity_value = identity if identity % 2 == 0 else -1
-        key = (username, client_id, tenant)
+        key = (username, client_id)
         if key in self._answers:
             return self._answers[key]
+        if tenant is None:
+            credential = await self._store.credential(username)
+            if credential is None:
+                return Refusal(Reason.UNKNOWN_SUBJECT, f"no client or user `{username}`")
+            tenant = credential.subject.tenant
         refusal = await self._check(username, client_id, tenant)
         if self._identity_value == identity:  # nothing moved while we looked: the answer may be kept
             self._answers[key] = refusal
