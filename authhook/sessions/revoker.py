@@ -111,7 +111,8 @@ class RevocationWatcher:
             if unmoved and watch.username not in pending:
                 continue
             try:
-                finding = await self._recheck(watch)
+                # The slot values from before asking: a change landing meanwhile moves them again, next pass.
+                finding = await self._recheck(watch, slot_value, identity)
             except Exception:
                 log.exception("re-checking `%s` failed; it is tried again on the next pass", watch.username)
                 self._registry.pending.add(watch.username)
@@ -121,12 +122,8 @@ class RevocationWatcher:
             results += await self._act(finding)
         return results
 
-    async def _recheck(self, watch: SubjectWatch) -> Finding | None:
+    async def _recheck(self, watch: SubjectWatch, slot_value: int, identity: int) -> Finding | None:
         pdp = self._pdp
-        board = pdp.store.board
-        # Taken before asking: a change landing while we ask moves them again and is checked next pass.
-        slot_value = board.read(tenant_slot(watch.tenant)) if watch.tenant is not None else board.read(IDENTITY_SLOT)
-        identity = board.read(IDENTITY_SLOT)
         username = watch.username
         denied: set[Pair] = set()
         causes: list[str] = []
