@@ -86,10 +86,11 @@ class SessionRegistry:
         self._by_username.setdefault(username, set()).add(key)
         while len(self._sessions) > self.max_sessions:
             self._forget_session(next(iter(self._sessions)))
-        watch = self._watch(username, tenant)
-        watch.connected_at = revision
-        if revision < watch.checked_at:
-            self.pending.add(username)
+        if self.track_pairs:  # only a revocation watcher reads watches; without one, sessions alone are kept
+            watch = self._watch(username, tenant)
+            watch.connected_at = revision
+            if revision < watch.checked_at:
+                self.pending.add(username)
         return session
 
     def disconnected(self, broker: str, client_id: str) -> None:
